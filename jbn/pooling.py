@@ -1,0 +1,110 @@
+"""Non-overlapping max pooling written as a reshape + max, with an exact VJP.
+
+`flax.linen.max_pool` lowers to ``lax.reduce_window``; its gradient is XLA's
+``select_and_scatter``, which on XLA:CPU dominates the SmallBNConvNet train
+step. For the common case of non-overlapping square windows (stride equal to
+the window, ``VALID`` padding) the same forward is a reshape that splits each
+spatial axis into ``(H // k, k)`` followed by a max over the two window axes.
+
+``jnp.max``'s own gradient splits the cotangent evenly between tied maxima,
+which differs from ``reduce_window`` (and PyTorch), where the whole gradient
+goes to the *first* maximal element of each window in row-major order. The
+custom VJP below reproduces that rule exactly with element-wise ops and two
+small reductions (no transposes, no scatter), so it fuses well.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from jbn.pooling import max_pool
+    >>> max_pool(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)[..., 0]
+    Array([[[ 5.,  7.],
+            [13., 15.]]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["max_pool"]
+
+
+def _check(x: jax.Array, window: int) -> tuple[int, int]:
+    """Validates the input and returns the pooled spatial size ``(H // k, W // k)``."""
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"max_pool: window must be a positive int, got {window!r}.")
+    if x.ndim < 3:
+        raise ValueError(
+            f"max_pool: expected input of shape (..., H, W, C), got shape {x.shape}."
+        )
+    height, width = x.shape[-3], x.shape[-2]
+    if height % window or width % window:
+        raise ValueError(
+            f"max_pool: spatial size ({height}, {width}) is not divisible by window "
+            f"{window}; crop or pad the input first, or use flax.linen.max_pool for "
+            "VALID floor behaviour."
+        )
+    return height // window, width // window
+
+
+def _windows(x: jax.Array, window: int) -> jax.Array:
+    """Reshapes ``(..., H, W, C)`` to ``(..., H/k, k, W/k, k, C)``."""
+    out_h, out_w = _check(x, window)
+    return x.reshape(*x.shape[:-3], out_h, window, out_w, window, x.shape[-1])
+
+
+# Axes of the two window dimensions in the ``_windows`` layout, counted from the end.
+_WINDOW_AXES = (-4, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool(x: jax.Array, window: int) -> jax.Array:
+    """Max pooling over non-overlapping ``window x window`` patches (NHWC).
+
+    Equivalent to ``flax.linen.max_pool(x, (window, window), strides=(window,
+    window), padding="VALID")`` in value and in gradient: the gradient of each
+    window goes to its first maximal element in row-major order, as with
+    ``lax.reduce_window`` / ``select_and_scatter`` and ``torch.nn.MaxPool2d``.
+    A window whose maximum is NaN passes no gradient.
+
+    Args:
+        x: Array of shape ``(..., H, W, C)``; ``H`` and ``W`` must be divisible
+            by ``window``.
+        window: Side of the square window, also the stride.
+
+    Returns:
+        Array of shape ``(..., H // window, W // window, C)`` and dtype of ``x``.
+
+    Raises:
+        ValueError: If ``window`` is not a positive int, ``x`` has fewer than 3
+            dimensions, or the spatial size is not divisible by ``window``.
+    """
+    return jnp.max(_windows(x, window), axis=_WINDOW_AXES)
+
+
+def _max_pool_fwd(x: jax.Array, window: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    y = max_pool(x, window)
+    return y, (x, y)
+
+
+def _max_pool_bwd(
+    window: int, residuals: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array]:
+    x, y = residuals
+    xw = _windows(x, window)
+    yw = jnp.expand_dims(y, _WINDOW_AXES)
+    gw = jnp.expand_dims(g, _WINDOW_AXES)
+    # Row-major position of every element inside its window: kh * k + kw.
+    rows = jnp.arange(window, dtype=jnp.int32).reshape(window, 1, 1, 1)
+    cols = jnp.arange(window, dtype=jnp.int32).reshape(window, 1)
+    position = rows * window + cols  # Broadcasts to (k, 1, k, 1).
+    sentinel = window * window
+    candidate = jnp.where(xw == yw, position, sentinel)
+    first = jnp.min(candidate, axis=_WINDOW_AXES, keepdims=True)
+    chosen = (candidate == first) & (candidate < sentinel)
+    dx = jnp.where(chosen, gw, jnp.zeros((), g.dtype))
+    return (dx.reshape(x.shape),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
