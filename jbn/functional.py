@@ -39,101 +39,101 @@ Shape = int | Sequence[int]
 
 
 class Moments(NamedTuple):
-  """Per-feature batch statistics.
+    """Per-feature batch statistics.
 
-  Attributes:
-    mean: Batch mean, float32 (or wider), shaped like the features.
-    var: Biased batch variance, ``mean((x - mean) ** 2)``, never negative.
-    count: Number of elements that entered each statistic (float).
-  """
+    Attributes:
+      mean: Batch mean, float32 (or wider), shaped like the features.
+      var: Biased batch variance, ``mean((x - mean) ** 2)``, never negative.
+      count: Number of elements that entered each statistic (float).
+    """
 
-  mean: Array
-  var: Array
-  count: Array
+    mean: Array
+    var: Array
+    count: Array
 
 
 def _feature_shape(num_features: Shape) -> tuple[int, ...]:
-  if isinstance(num_features, int):
-    return (num_features,)
-  return tuple(int(n) for n in num_features)
+    if isinstance(num_features, int):
+        return (num_features,)
+    return tuple(int(n) for n in num_features)
 
 
 def init_params(num_features: Shape, dtype: Any = jnp.float32) -> dict[str, Array]:
-  """Returns the affine parameters: ``scale`` ones and ``bias`` zeros.
+    """Returns the affine parameters: ``scale`` ones and ``bias`` zeros.
 
-  Args:
-    num_features: Number of features ``C``, or the feature shape when several
-      axes are features.
-    dtype: Parameter dtype.
-  """
-  shape = _feature_shape(num_features)
-  return {"scale": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}
+    Args:
+      num_features: Number of features ``C``, or the feature shape when several
+        axes are features.
+      dtype: Parameter dtype.
+    """
+    shape = _feature_shape(num_features)
+    return {"scale": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}
 
 
 def init_batch_stats(
     num_features: Shape, dtype: Any = jnp.float32, *, with_count: bool = False
 ) -> dict[str, Array]:
-  """Returns running statistics: ``mean`` zeros and ``var`` ones.
+    """Returns running statistics: ``mean`` zeros and ``var`` ones.
 
-  Args:
-    num_features: Number of features ``C``, or the feature shape.
-    dtype: Statistics dtype (float32 by default, whatever the input dtype).
-    with_count: Also track ``count``, the number of training steps seen (an
-      int32 scalar, PyTorch's ``num_batches_tracked``). Required for the
-      cumulative average, ``momentum=None``.
-  """
-  shape = _feature_shape(num_features)
-  stats = {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
-  if with_count:
-    stats["count"] = jnp.zeros((), jnp.int32)
-  return stats
+    Args:
+      num_features: Number of features ``C``, or the feature shape.
+      dtype: Statistics dtype (float32 by default, whatever the input dtype).
+      with_count: Also track ``count``, the number of training steps seen (an
+        int32 scalar, PyTorch's ``num_batches_tracked``). Required for the
+        cumulative average, ``momentum=None``.
+    """
+    shape = _feature_shape(num_features)
+    stats = {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
+    if with_count:
+        stats["count"] = jnp.zeros((), jnp.int32)
+    return stats
 
 
 def _stats_dtype(dtype: Any) -> Any:
-  """Statistics are accumulated in float32 or wider."""
-  return jnp.promote_types(dtype, jnp.float32)
+    """Statistics are accumulated in float32 or wider."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _local_moments(
     x: Array, mask: Array | None, reduction_axes: tuple[int, ...]
 ) -> tuple[Array, Array, Array]:
-  """Count, mean and sum of squared deviations over this device's data.
+    """Count, mean and sum of squared deviations over this device's data.
 
-  One pass over ``x``: sums are taken of ``x - shift`` where ``shift`` is a
-  sample of each feature (its first valid-looking element), which keeps the
-  variance accurate when ``|mean| >> std``, unlike ``E[x^2] - E[x]^2``.
+    One pass over ``x``: sums are taken of ``x - shift`` where ``shift`` is a
+    sample of each feature (its first valid-looking element), which keeps the
+    variance accurate when ``|mean| >> std``, unlike ``E[x^2] - E[x]^2``.
 
-  Returns:
-    ``(count, mean, m2)`` with ``keepdims`` shapes.
-  """
-  first = tuple(slice(0, 1) if ax in reduction_axes else slice(None) for ax in range(x.ndim))
-  shift = x[first]
-  if mask is None:
-    count = jnp.asarray(
-        functools.reduce(lambda a, b: a * b, (x.shape[ax] for ax in reduction_axes), 1),
-        x.dtype,
-    )
-    count = jnp.broadcast_to(count, shift.shape)
-    centred = x - shift
-  else:
-    shift = jnp.where(mask[first], shift, 0)
-    count = jnp.sum(mask, reduction_axes, dtype=x.dtype, keepdims=True)
-    centred = jnp.where(mask, x - shift, 0)
-  total = jnp.sum(centred, reduction_axes, keepdims=True)
-  total_sq = jnp.sum(centred * centred, reduction_axes, keepdims=True)
-  safe_count = jnp.maximum(count, 1)
-  mean_offset = total / safe_count
-  m2 = jnp.maximum(total_sq - total * mean_offset, 0)
-  return count, shift + mean_offset, m2
+    Returns:
+      ``(count, mean, m2)`` with ``keepdims`` shapes.
+    """
+    first = tuple(slice(0, 1) if ax in reduction_axes else slice(None) for ax in range(x.ndim))
+    shift = x[first]
+    if mask is None:
+        count = jnp.asarray(
+            functools.reduce(lambda a, b: a * b, (x.shape[ax] for ax in reduction_axes), 1),
+            x.dtype,
+        )
+        count = jnp.broadcast_to(count, shift.shape)
+        centred = x - shift
+    else:
+        shift = jnp.where(mask[first], shift, 0)
+        count = jnp.sum(mask, reduction_axes, dtype=x.dtype, keepdims=True)
+        centred = jnp.where(mask, x - shift, 0)
+    total = jnp.sum(centred, reduction_axes, keepdims=True)
+    total_sq = jnp.sum(centred * centred, reduction_axes, keepdims=True)
+    safe_count = jnp.maximum(count, 1)
+    mean_offset = total / safe_count
+    m2 = jnp.maximum(total_sq - total * mean_offset, 0)
+    return count, shift + mean_offset, m2
 
 
 def _gathered_type(x: Array, axis_name: AxisName) -> str:
-  """'invarying' inside ``shard_map`` (so results may be replicated outputs)."""
-  names = set(axis_name) if isinstance(axis_name, (tuple, list)) else {axis_name}
-  aval = jax.typeof(x)
-  manual = getattr(aval, "mat", None)  # jax >= 0.9; older releases call it `vma`
-  varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
-  return "invarying" if names <= set(varying) else "varying"
+    """'invarying' inside ``shard_map`` (so results may be replicated outputs)."""
+    names = set(axis_name) if isinstance(axis_name, (tuple, list)) else {axis_name}
+    aval = jax.typeof(x)
+    manual = getattr(aval, "mat", None)  # jax >= 0.9; older releases call it `vma`
+    varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+    return "invarying" if names <= set(varying) else "varying"
 
 
 def _merge_across_devices(
@@ -143,18 +143,19 @@ def _merge_across_devices(
     axis_name: AxisName,
     axis_index_groups: Any,
 ) -> tuple[Array, Array, Array]:
-  """Count-weighted merge (Chan et al.) of per-device moments, one all_gather."""
-  local = jnp.stack([count, mean, m2])
-  gathered = lax.all_gather(
-      local, axis_name, axis_index_groups=axis_index_groups, to=_gathered_type(local, axis_name))
-  if isinstance(axis_name, (tuple, list)):
-    # all_gather over several axes adds one leading axis per name.
-    gathered = gathered.reshape((-1, *gathered.shape[-(count.ndim + 1):]))
-  counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
-  total = jnp.sum(counts, 0)
-  mean_all = jnp.sum(counts * means, 0) / jnp.maximum(total, 1)
-  m2_all = jnp.sum(m2s + counts * jnp.square(means - mean_all), 0)
-  return total, mean_all, m2_all
+    """Count-weighted merge (Chan et al.) of per-device moments, one all_gather."""
+    local = jnp.stack([count, mean, m2])
+    gathered = lax.all_gather(
+        local, axis_name, axis_index_groups=axis_index_groups, to=_gathered_type(local, axis_name)
+    )
+    if isinstance(axis_name, (tuple, list)):
+        # all_gather over several axes adds one leading axis per name.
+        gathered = gathered.reshape((-1, *gathered.shape[-(count.ndim + 1) :]))
+    counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    total = jnp.sum(counts, 0)
+    mean_all = jnp.sum(counts * means, 0) / jnp.maximum(total, 1)
+    m2_all = jnp.sum(m2s + counts * jnp.square(means - mean_all), 0)
+    return total, mean_all, m2_all
 
 
 def _keepdims_moments(
@@ -164,16 +165,16 @@ def _keepdims_moments(
     axis_name: AxisName,
     axis_index_groups: Any,
 ) -> Moments:
-  count, mean, m2 = _local_moments(x, mask, reduction_axes)
-  if axis_name is not None:
-    count, mean, m2 = _merge_across_devices(count, mean, m2, axis_name, axis_index_groups)
-  return Moments(mean, m2 / jnp.maximum(count, 1), count)
+    count, mean, m2 = _local_moments(x, mask, reduction_axes)
+    if axis_name is not None:
+        count, mean, m2 = _merge_across_devices(count, mean, m2, axis_name, axis_index_groups)
+    return Moments(mean, m2 / jnp.maximum(count, 1), count)
 
 
 def _reduce_across_devices(sums: Array, axis_name: AxisName, axis_index_groups: Any) -> Array:
-  if axis_name is None:
-    return sums
-  return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+    if axis_name is None:
+        return sums
+    return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7, 8))
@@ -188,77 +189,79 @@ def _normalize_with_batch_stats(
     axis_index_groups: Any,
     out_dtype: Any,
 ) -> tuple[Array, Array, Array, Array]:
-  """Training-mode BatchNorm on ``keepdims``-shaped parameters.
+    """Training-mode BatchNorm on ``keepdims``-shaped parameters.
 
-  Returns:
-    ``(y, mean, var, count)``; the statistics keep the reduced axes as size 1.
-  """
-  xf = x.astype(_stats_dtype(x.dtype))
-  mean, var, count = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
-  y = _affine((xf - mean) * lax.rsqrt(var + epsilon), scale, bias)
-  return y.astype(out_dtype), mean, var, count
+    Returns:
+      ``(y, mean, var, count)``; the statistics keep the reduced axes as size 1.
+    """
+    xf = x.astype(_stats_dtype(x.dtype))
+    mean, var, count = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
+    y = _affine((xf - mean) * lax.rsqrt(var + epsilon), scale, bias)
+    return y.astype(out_dtype), mean, var, count
 
 
 def _affine(x_hat: Array, scale: Array | None, bias: Array | None) -> Array:
-  if scale is not None:
-    x_hat = x_hat * scale
-  if bias is not None:
-    x_hat = x_hat + bias
-  return x_hat
+    if scale is not None:
+        x_hat = x_hat * scale
+    if bias is not None:
+        x_hat = x_hat + bias
+    return x_hat
 
 
 @_normalize_with_batch_stats.defjvp
 def _normalize_with_batch_stats_jvp(
     reduction_axes, epsilon, axis_name, axis_index_groups, out_dtype, primals, tangents
 ):
-  """Closed-form derivative of batch normalization.
+    """Closed-form derivative of batch normalization.
 
-  With ``x_hat = (x - mean) * rstd`` and ``w`` the mask, the tangent is
-  ``rstd * (dx - sum(w dx) / n - x_hat * sum(w x_hat dx) / n)``; its transpose
-  (the backward pass) has the same shape, so reverse mode needs only ``x``,
-  the statistics and the parameters, and one reduction of two stacked sums.
-  """
-  x, scale, bias, mask = primals
-  dx, dscale, dbias, _ = tangents
-  stats_dtype = _stats_dtype(x.dtype)
-  xf = x.astype(stats_dtype)
-  mean, var, count = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
-  rstd = lax.rsqrt(var + epsilon)
-  x_hat = (xf - mean) * rstd
-  y = _affine(x_hat, scale, bias)
+    With ``x_hat = (x - mean) * rstd`` and ``w`` the mask, the tangent is
+    ``rstd * (dx - sum(w dx) / n - x_hat * sum(w x_hat dx) / n)``; its transpose
+    (the backward pass) has the same shape, so reverse mode needs only ``x``,
+    the statistics and the parameters, and one reduction of two stacked sums.
+    """
+    x, scale, bias, mask = primals
+    dx, dscale, dbias, _ = tangents
+    stats_dtype = _stats_dtype(x.dtype)
+    xf = x.astype(stats_dtype)
+    mean, var, count = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
+    rstd = lax.rsqrt(var + epsilon)
+    x_hat = (xf - mean) * rstd
+    y = _affine(x_hat, scale, bias)
 
-  dxf = dx.astype(stats_dtype)
-  weighted = dxf if mask is None else jnp.where(mask, dxf, 0)
-  sums = jnp.stack([
-      jnp.sum(weighted, reduction_axes, keepdims=True),
-      jnp.sum(weighted * x_hat, reduction_axes, keepdims=True),
-  ])
-  sums = _reduce_across_devices(sums, axis_name, axis_index_groups)
-  safe_count = jnp.maximum(count, 1)
-  mean_dx, mean_xhat_dx = sums[0] / safe_count, sums[1] / safe_count
-  dx_hat = rstd * (dxf - mean_dx - x_hat * mean_xhat_dx)
-  dy = dx_hat if scale is None else dx_hat * scale
-  if scale is not None:
-    dy = dy + x_hat * dscale.astype(stats_dtype)
-  if bias is not None:
-    dy = dy + dbias.astype(stats_dtype)
-  dvar = 2 * mean_xhat_dx / rstd
-  primal_out = (y.astype(out_dtype), mean, var, count)
-  tangent_out = (dy.astype(out_dtype), mean_dx, dvar, jnp.zeros_like(count))
-  return primal_out, tangent_out
+    dxf = dx.astype(stats_dtype)
+    weighted = dxf if mask is None else jnp.where(mask, dxf, 0)
+    sums = jnp.stack(
+        [
+            jnp.sum(weighted, reduction_axes, keepdims=True),
+            jnp.sum(weighted * x_hat, reduction_axes, keepdims=True),
+        ]
+    )
+    sums = _reduce_across_devices(sums, axis_name, axis_index_groups)
+    safe_count = jnp.maximum(count, 1)
+    mean_dx, mean_xhat_dx = sums[0] / safe_count, sums[1] / safe_count
+    dx_hat = rstd * (dxf - mean_dx - x_hat * mean_xhat_dx)
+    dy = dx_hat if scale is None else dx_hat * scale
+    if scale is not None:
+        dy = dy + x_hat * dscale.astype(stats_dtype)
+    if bias is not None:
+        dy = dy + dbias.astype(stats_dtype)
+    dvar = 2 * mean_xhat_dx / rstd
+    primal_out = (y.astype(out_dtype), mean, var, count)
+    tangent_out = (dy.astype(out_dtype), mean_dx, dvar, jnp.zeros_like(count))
+    return primal_out, tangent_out
 
 
 def canonical_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
-  """Returns ``axis`` as a sorted tuple of non-negative ints.
+    """Returns ``axis`` as a sorted tuple of non-negative ints.
 
-  Raises:
-    ValueError: If an axis is out of range or repeated.
-  """
-  return validation.canonical_axes(ndim, axis)
+    Raises:
+      ValueError: If an axis is out of range or repeated.
+    """
+    return validation.canonical_axes(ndim, axis)
 
 
 def _keepdims_shape(x_shape: Sequence[int], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(n if ax in feature_axes else 1 for ax, n in enumerate(x_shape))
+    return tuple(n if ax in feature_axes else 1 for ax, n in enumerate(x_shape))
 
 
 def moments(
@@ -269,30 +272,30 @@ def moments(
     axis_name: AxisName = None,
     axis_index_groups: Any = None,
 ) -> Moments:
-  """Per-feature mean and biased variance over all non-feature axes.
+    """Per-feature mean and biased variance over all non-feature axes.
 
-  Accumulates in float32 (or wider), in one pass, and stays accurate when
-  ``|mean| >> std``. With ``axis_name``, per-device moments are merged
-  count-weighted with a single ``all_gather``.
+    Accumulates in float32 (or wider), in one pass, and stays accurate when
+    ``|mean| >> std``. With ``axis_name``, per-device moments are merged
+    count-weighted with a single ``all_gather``.
 
-  Args:
-    x: Input array.
-    axis: Feature axis or axes (kept); every other axis is reduced.
-    mask: Optional boolean array broadcastable to ``x``: the elements to count.
-    axis_name: Mapped axis name(s) to reduce over (``shard_map``, ``vmap``).
-    axis_index_groups: Optional groups of indices within ``axis_name``.
+    Args:
+      x: Input array.
+      axis: Feature axis or axes (kept); every other axis is reduced.
+      mask: Optional boolean array broadcastable to ``x``: the elements to count.
+      axis_name: Mapped axis name(s) to reduce over (``shard_map``, ``vmap``).
+      axis_index_groups: Optional groups of indices within ``axis_name``.
 
-  Returns:
-    ``Moments(mean, var, count)`` shaped like the features.
-  """
-  x = jnp.asarray(x)
-  feature_axes = validation.canonical_axes(x.ndim, axis)
-  reduction_axes = tuple(ax for ax in range(x.ndim) if ax not in feature_axes)
-  mask = validation.check_mask(mask, x.shape)
-  xf = x.astype(_stats_dtype(x.dtype))
-  result = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
-  feature_shape = tuple(x.shape[ax] for ax in feature_axes)
-  return Moments(*(s.reshape(feature_shape) for s in result))
+    Returns:
+      ``Moments(mean, var, count)`` shaped like the features.
+    """
+    x = jnp.asarray(x)
+    feature_axes = validation.canonical_axes(x.ndim, axis)
+    reduction_axes = tuple(ax for ax in range(x.ndim) if ax not in feature_axes)
+    mask = validation.check_mask(mask, x.shape)
+    xf = x.astype(_stats_dtype(x.dtype))
+    result = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
+    feature_shape = tuple(x.shape[ax] for ax in feature_axes)
+    return Moments(*(s.reshape(feature_shape) for s in result))
 
 
 def normalize(
@@ -305,43 +308,43 @@ def normalize(
     axis: Axes = -1,
     dtype: Any = None,
 ) -> Array:
-  """Returns ``scale * (x - mean) / sqrt(var + epsilon) + bias``.
+    """Returns ``scale * (x - mean) / sqrt(var + epsilon) + bias``.
 
-  Args:
-    x: Input array.
-    mean: Per-feature mean, shaped like the features.
-    var: Per-feature variance, shaped like the features.
-    params: ``{"scale", "bias"}`` (either key may be absent) or ``None``.
-    epsilon: Added to the variance.
-    axis: Feature axis or axes of ``x``.
-    dtype: Output dtype (default: ``x.dtype``).
-  """
-  x = jnp.asarray(x)
-  feature_axes = validation.canonical_axes(x.ndim, axis)
-  shape = _keepdims_shape(x.shape, feature_axes)
-  scale, bias = _params_keepdims(params, shape)
-  stats_dtype = _stats_dtype(x.dtype)
-  mean = jnp.reshape(mean, shape).astype(stats_dtype)
-  var = jnp.reshape(var, shape).astype(stats_dtype)
-  multiplier = lax.rsqrt(var + epsilon)
-  if scale is not None:
-    multiplier = multiplier * scale
-  y = (x.astype(stats_dtype) - mean) * multiplier
-  if bias is not None:
-    y = y + bias
-  return y.astype(x.dtype if dtype is None else dtype)
+    Args:
+      x: Input array.
+      mean: Per-feature mean, shaped like the features.
+      var: Per-feature variance, shaped like the features.
+      params: ``{"scale", "bias"}`` (either key may be absent) or ``None``.
+      epsilon: Added to the variance.
+      axis: Feature axis or axes of ``x``.
+      dtype: Output dtype (default: ``x.dtype``).
+    """
+    x = jnp.asarray(x)
+    feature_axes = validation.canonical_axes(x.ndim, axis)
+    shape = _keepdims_shape(x.shape, feature_axes)
+    scale, bias = _params_keepdims(params, shape)
+    stats_dtype = _stats_dtype(x.dtype)
+    mean = jnp.reshape(mean, shape).astype(stats_dtype)
+    var = jnp.reshape(var, shape).astype(stats_dtype)
+    multiplier = lax.rsqrt(var + epsilon)
+    if scale is not None:
+        multiplier = multiplier * scale
+    y = (x.astype(stats_dtype) - mean) * multiplier
+    if bias is not None:
+        y = y + bias
+    return y.astype(x.dtype if dtype is None else dtype)
 
 
 def _params_keepdims(
     params: Params | None, shape: tuple[int, ...]
 ) -> tuple[Array | None, Array | None]:
-  if params is None:
-    return None, None
-  scale, bias = params.get("scale"), params.get("bias")
-  return (
-      None if scale is None else jnp.reshape(scale, shape),
-      None if bias is None else jnp.reshape(bias, shape),
-  )
+    if params is None:
+        return None, None
+    scale, bias = params.get("scale"), params.get("bias")
+    return (
+        None if scale is None else jnp.reshape(scale, shape),
+        None if bias is None else jnp.reshape(bias, shape),
+    )
 
 
 def update_running_stats(
@@ -351,42 +354,44 @@ def update_running_stats(
     momentum: float | None = 0.99,
     unbiased_running_var: bool = False,
 ) -> dict[str, Array]:
-  """Returns running statistics updated with this batch's moments.
+    """Returns running statistics updated with this batch's moments.
 
-  ``new = momentum * old + (1 - momentum) * batch`` (Flax's decay convention;
-  PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here). ``momentum=None`` is
-  the cumulative average of all batches seen, which needs ``stats["count"]``.
-  A feature whose batch had no valid element keeps its old value, and so does
-  the variance of a feature with one valid element when it must be unbiased.
+    ``new = momentum * old + (1 - momentum) * batch`` (Flax's decay convention;
+    PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here). ``momentum=None`` is
+    the cumulative average of all batches seen, which needs ``stats["count"]``.
+    A feature whose batch had no valid element keeps its old value, and so does
+    the variance of a feature with one valid element when it must be unbiased.
 
-  Args:
-    stats: ``{"mean", "var"}`` and optionally ``"count"`` (steps seen, int).
-    batch: Moments of the current batch.
-    momentum: Decay of the old value, in ``[0, 1]``, or ``None``.
-    unbiased_running_var: Store ``n / (n - 1) * var`` like PyTorch.
-  """
-  if "count" in stats:
-    steps = stats["count"] + 1
-  elif momentum is None:
-    raise ValueError('momentum=None (cumulative average) needs stats["count"]; '
-                     "create them with init_batch_stats(..., with_count=True).")
-  new_mean_dtype, new_var_dtype = stats["mean"].dtype, stats["var"].dtype
-  if momentum is None:
-    decay = 1.0 - 1.0 / steps.astype(jnp.float32)
-  else:
-    decay = momentum
-  mean, var, count = (lax.stop_gradient(s) for s in batch)
-  if unbiased_running_var:
-    var = var * count / jnp.maximum(count - 1, 1)
-  new_mean = decay * stats["mean"] + (1 - decay) * mean
-  new_var = decay * stats["var"] + (1 - decay) * var
-  new_stats = dict(stats)
-  new_stats["mean"] = jnp.where(count > 0, new_mean, stats["mean"]).astype(new_mean_dtype)
-  min_count = 1 if unbiased_running_var else 0
-  new_stats["var"] = jnp.where(count > min_count, new_var, stats["var"]).astype(new_var_dtype)
-  if "count" in stats:
-    new_stats["count"] = steps.astype(stats["count"].dtype)
-  return new_stats
+    Args:
+      stats: ``{"mean", "var"}`` and optionally ``"count"`` (steps seen, int).
+      batch: Moments of the current batch.
+      momentum: Decay of the old value, in ``[0, 1]``, or ``None``.
+      unbiased_running_var: Store ``n / (n - 1) * var`` like PyTorch.
+    """
+    if "count" in stats:
+        steps = stats["count"] + 1
+    elif momentum is None:
+        raise ValueError(
+            'momentum=None (cumulative average) needs stats["count"]; '
+            "create them with init_batch_stats(..., with_count=True)."
+        )
+    new_mean_dtype, new_var_dtype = stats["mean"].dtype, stats["var"].dtype
+    if momentum is None:
+        decay = 1.0 - 1.0 / steps.astype(jnp.float32)
+    else:
+        decay = momentum
+    mean, var, count = (lax.stop_gradient(s) for s in batch)
+    if unbiased_running_var:
+        var = var * count / jnp.maximum(count - 1, 1)
+    new_mean = decay * stats["mean"] + (1 - decay) * mean
+    new_var = decay * stats["var"] + (1 - decay) * var
+    new_stats = dict(stats)
+    new_stats["mean"] = jnp.where(count > 0, new_mean, stats["mean"]).astype(new_mean_dtype)
+    min_count = 1 if unbiased_running_var else 0
+    new_stats["var"] = jnp.where(count > min_count, new_var, stats["var"]).astype(new_var_dtype)
+    if "count" in stats:
+        new_stats["count"] = steps.astype(stats["count"].dtype)
+    return new_stats
 
 
 def batch_norm(
@@ -405,92 +410,116 @@ def batch_norm(
     virtual_batch_size: int | None = None,
     dtype: Any = None,
 ) -> tuple[Array, dict[str, Array]]:
-  """Batch normalization, returning the output and the new running statistics.
+    """Batch normalization, returning the output and the new running statistics.
 
-  In training, normalizes with the statistics of this batch (over every axis
-  but ``axis``, and over ``axis_name`` when mapped) and updates the running
-  statistics; otherwise normalizes with ``stats`` and returns them unchanged.
+    In training, normalizes with the statistics of this batch (over every axis
+    but ``axis``, and over ``axis_name`` when mapped) and updates the running
+    statistics; otherwise normalizes with ``stats`` and returns them unchanged.
 
-  Args:
-    x: Input, any rank; features along ``axis`` (NHWC: ``-1``; NCHW: ``1``).
-    params: ``{"scale", "bias"}`` shaped like the features, or ``None``.
-    stats: Running statistics, ``{"mean", "var"}`` (+ ``"count"``).
-    training: Use and update batch statistics (True) or use ``stats``.
-    momentum: Decay of the running statistics (``None``: cumulative average).
-    epsilon: Added to the variance; must be positive and finite.
-    axis: Feature axis or axes.
-    axis_name: Mapped axis name(s) whose devices share statistics.
-    axis_index_groups: Groups of indices within ``axis_name``.
-    mask: Boolean array broadcastable to ``x``: elements that count.
-    unbiased_running_var: Store the unbiased variance (PyTorch convention).
-    virtual_batch_size: Ghost BatchNorm (Hoffer et al. 2017): in training,
-      split axis 0 into groups of this size, each normalized with its own
-      statistics; the running statistics move towards the average of the
-      groups' statistics (count-weighted).
-    dtype: Output dtype (default: ``x.dtype``).
+    Args:
+      x: Input, any rank; features along ``axis`` (NHWC: ``-1``; NCHW: ``1``).
+      params: ``{"scale", "bias"}`` shaped like the features, or ``None``.
+      stats: Running statistics, ``{"mean", "var"}`` (+ ``"count"``).
+      training: Use and update batch statistics (True) or use ``stats``.
+      momentum: Decay of the running statistics (``None``: cumulative average).
+      epsilon: Added to the variance; must be positive and finite.
+      axis: Feature axis or axes.
+      axis_name: Mapped axis name(s) whose devices share statistics.
+      axis_index_groups: Groups of indices within ``axis_name``.
+      mask: Boolean array broadcastable to ``x``: elements that count.
+      unbiased_running_var: Store the unbiased variance (PyTorch convention).
+      virtual_batch_size: Ghost BatchNorm (Hoffer et al. 2017): in training,
+        split axis 0 into groups of this size, each normalized with its own
+        statistics; the running statistics move towards the average of the
+        groups' statistics (count-weighted).
+      dtype: Output dtype (default: ``x.dtype``).
 
-  Returns:
-    ``(y, new_stats)``.
+    Returns:
+      ``(y, new_stats)``.
 
-  Raises:
-    TypeError: If ``x`` is not floating point.
-    ValueError: On bad shapes, hyper-parameters or masks (before any update).
-  """
-  x = jnp.asarray(x)
-  feature_axes = validation.check_batch_norm_args(
-      x, params, stats, training=training, momentum=momentum, epsilon=epsilon,
-      axis=axis, mask=mask, mapped=axis_name is not None)
-  mask = validation.check_mask(mask, x.shape)
-  out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-  feature_shape = tuple(x.shape[ax] for ax in feature_axes)
-  if not training:
-    y = normalize(x, stats["mean"], stats["var"], params, epsilon=epsilon, axis=feature_axes,
-                  dtype=out_dtype)
-    return y, dict(stats)
-  if virtual_batch_size is not None:
-    x, mask, feature_axes = _split_into_ghost_batches(x, mask, feature_axes, virtual_batch_size)
-  kept_axes = feature_axes if virtual_batch_size is None else (0, *feature_axes)
-  reduction_axes = tuple(ax for ax in range(x.ndim) if ax not in kept_axes)
-  scale, bias = _params_keepdims(params, _keepdims_shape(x.shape, feature_axes))
-  y, mean, var, count = _normalize_with_batch_stats(
-      x, scale, bias, mask, reduction_axes, float(epsilon), _hashable(axis_name),
-      _hashable(axis_index_groups), out_dtype)
-  if virtual_batch_size is None:
-    batch = Moments(*(s.reshape(feature_shape) for s in (mean, var, count)))
-  else:
-    y = y.reshape((-1, *y.shape[2:]))
-    batch = _average_ghost_moments(Moments(mean, var, count), feature_shape)
-  new_stats = update_running_stats(
-      stats, batch, momentum=momentum, unbiased_running_var=unbiased_running_var)
-  return y, new_stats
+    Raises:
+      TypeError: If ``x`` is not floating point.
+      ValueError: On bad shapes, hyper-parameters or masks (before any update).
+    """
+    x = jnp.asarray(x)
+    feature_axes = validation.check_batch_norm_args(
+        x,
+        params,
+        stats,
+        training=training,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis=axis,
+        mask=mask,
+        mapped=axis_name is not None,
+    )
+    mask = validation.check_mask(mask, x.shape)
+    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    feature_shape = tuple(x.shape[ax] for ax in feature_axes)
+    if not training:
+        y = normalize(
+            x,
+            stats["mean"],
+            stats["var"],
+            params,
+            epsilon=epsilon,
+            axis=feature_axes,
+            dtype=out_dtype,
+        )
+        return y, dict(stats)
+    if virtual_batch_size is not None:
+        x, mask, feature_axes = _split_into_ghost_batches(x, mask, feature_axes, virtual_batch_size)
+    kept_axes = feature_axes if virtual_batch_size is None else (0, *feature_axes)
+    reduction_axes = tuple(ax for ax in range(x.ndim) if ax not in kept_axes)
+    scale, bias = _params_keepdims(params, _keepdims_shape(x.shape, feature_axes))
+    y, mean, var, count = _normalize_with_batch_stats(
+        x,
+        scale,
+        bias,
+        mask,
+        reduction_axes,
+        float(epsilon),
+        _hashable(axis_name),
+        _hashable(axis_index_groups),
+        out_dtype,
+    )
+    if virtual_batch_size is None:
+        batch = Moments(*(s.reshape(feature_shape) for s in (mean, var, count)))
+    else:
+        y = y.reshape((-1, *y.shape[2:]))
+        batch = _average_ghost_moments(Moments(mean, var, count), feature_shape)
+    new_stats = update_running_stats(
+        stats, batch, momentum=momentum, unbiased_running_var=unbiased_running_var
+    )
+    return y, new_stats
 
 
 def _split_into_ghost_batches(
     x: Array, mask: Array | None, feature_axes: tuple[int, ...], virtual_batch_size: int
 ) -> tuple[Array, Array | None, tuple[int, ...]]:
-  """Reshapes axis 0 into ``(groups, virtual_batch_size)``."""
-  if 0 in feature_axes:
-    raise ValueError("virtual_batch_size splits axis 0, which must not be a feature axis")
-  if virtual_batch_size <= 0 or x.shape[0] % virtual_batch_size:
-    raise ValueError(
-        f"virtual_batch_size={virtual_batch_size} must be positive and divide the "
-        f"batch size {x.shape[0]}")
-  shape = (x.shape[0] // virtual_batch_size, virtual_batch_size, *x.shape[1:])
-  mask = None if mask is None else mask.reshape(shape)
-  return x.reshape(shape), mask, tuple(ax + 1 for ax in feature_axes)
+    """Reshapes axis 0 into ``(groups, virtual_batch_size)``."""
+    if 0 in feature_axes:
+        raise ValueError("virtual_batch_size splits axis 0, which must not be a feature axis")
+    if virtual_batch_size <= 0 or x.shape[0] % virtual_batch_size:
+        raise ValueError(
+            f"virtual_batch_size={virtual_batch_size} must be positive and divide the "
+            f"batch size {x.shape[0]}"
+        )
+    shape = (x.shape[0] // virtual_batch_size, virtual_batch_size, *x.shape[1:])
+    mask = None if mask is None else mask.reshape(shape)
+    return x.reshape(shape), mask, tuple(ax + 1 for ax in feature_axes)
 
 
 def _average_ghost_moments(groups: Moments, feature_shape: tuple[int, ...]) -> Moments:
-  """Count-weighted average over axis 0 of per-group moments."""
-  mean, var, count = (s.reshape((-1, *feature_shape)) for s in groups)
-  total = jnp.sum(count, 0)
-  weights = count / jnp.maximum(total, 1)
-  return Moments(jnp.sum(weights * mean, 0), jnp.sum(weights * var, 0),
-                 total / count.shape[0])
+    """Count-weighted average over axis 0 of per-group moments."""
+    mean, var, count = (s.reshape((-1, *feature_shape)) for s in groups)
+    total = jnp.sum(count, 0)
+    weights = count / jnp.maximum(total, 1)
+    return Moments(jnp.sum(weights * mean, 0), jnp.sum(weights * var, 0), total / count.shape[0])
 
 
 def _hashable(value: Any) -> Any:
-  """Lists (of lists) to tuples, for ``nondiff_argnums``."""
-  if isinstance(value, list):
-    return tuple(_hashable(v) for v in value)
-  return value
+    """Lists (of lists) to tuples, for ``nondiff_argnums``."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
