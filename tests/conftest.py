@@ -1,0 +1,57 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+
+import numpy as np
+import pytest
+
+
+def write_cifar10_dir(
+    path: str | pathlib.Path,
+    num_train_per_batch: int = 64,
+    num_test: int = 50,
+    seed: int = 0,
+) -> pathlib.Path:
+    """Writes random images in the official CIFAR-10 python-pickle layout into `path`.
+
+    Creates data_batch_1..5, test_batch and batches.meta: each batch is a dict with
+    bytes keys b"data" (uint8 [n, 3072], channel-major rows), b"labels" (list of ints),
+    b"filenames" and b"batch_label", pickled like the official files. Returns `path`.
+    """
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def write(name: str, count: int, batch_label: str) -> None:
+        entry = {
+            b"batch_label": batch_label.encode(),
+            b"labels": [int(label) for label in rng.integers(0, 10, count)],
+            b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            b"filenames": [f"image_{name}_{i}.png".encode() for i in range(count)],
+        }
+        with open(path / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+
+    for i in range(1, 6):
+        write(f"data_batch_{i}", num_train_per_batch, f"training batch {i} of 5")
+    write("test_batch", num_test, "testing batch 1 of 1")
+    meta = {
+        b"num_cases_per_batch": num_train_per_batch,
+        b"label_names": [
+            name.encode()
+            for name in ("airplane automobile bird cat deer dog frog horse ship truck".split())
+        ],
+        b"num_vis": 3072,
+    }
+    with open(path / "batches.meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny CIFAR-10 directory: 5 x 64 train images, 50 test images."""
+    return write_cifar10_dir(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py")
