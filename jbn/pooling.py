@@ -35,9 +35,7 @@ def _check(x: jax.Array, window: int) -> tuple[int, int]:
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"max_pool: window must be a positive int, got {window!r}.")
     if x.ndim < 3:
-        raise ValueError(
-            f"max_pool: expected input of shape (..., H, W, C), got shape {x.shape}."
-        )
+        raise ValueError(f"max_pool: expected input of shape (..., H, W, C), got shape {x.shape}.")
     height, width = x.shape[-3], x.shape[-2]
     if height % window or width % window:
         raise ValueError(
