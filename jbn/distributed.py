@@ -1,0 +1,148 @@
+"""Process and device layout: multi-host start-up, the device mesh, batch placement.
+
+Every training program here is written for a ``jax.sharding.Mesh`` from the
+start, so one device, all devices of a host and many hosts run the same jitted
+code: the batch is sharded over the ``"data"`` mesh axis, the train state is
+replicated.
+
+Example:
+    >>> mesh = create_mesh({"data": -1})
+    >>> mesh.axis_names
+    ('data',)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "DATA_AXIS",
+    "batch_sharding",
+    "create_mesh",
+    "maybe_initialize_distributed",
+    "put_batch",
+    "replicated",
+]
+
+DATA_AXIS = "data"
+
+# Environment variables read by `maybe_initialize_distributed` when no argument is given.
+COORDINATOR_ENV = "JBN_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "JBN_NUM_PROCESSES"
+PROCESS_ID_ENV = "JBN_PROCESS_ID"
+
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Joins a multi-process JAX run when one is configured; no-op otherwise.
+
+    THE place where ``jax.distributed.initialize`` is called for multi-host
+    runs. It must run before any other JAX call. Arguments default to the
+    environment variables ``JBN_COORDINATOR_ADDRESS`` (``host:port``),
+    ``JBN_NUM_PROCESSES`` and ``JBN_PROCESS_ID``. With none of them set, the
+    run stays single-process (on managed clusters such as Cloud TPU or SLURM,
+    set ``JBN_COORDINATOR_ADDRESS=auto`` to let JAX detect everything).
+
+    Args:
+        coordinator_address: ``host:port`` of process 0, or ``"auto"``.
+        num_processes: Total number of processes.
+        process_id: Index of this process in ``[0, num_processes)``.
+
+    Returns:
+        True if ``jax.distributed.initialize`` was called.
+    """
+    coordinator_address = coordinator_address or os.environ.get(COORDINATOR_ENV)
+    if num_processes is None and os.environ.get(NUM_PROCESSES_ENV):
+        num_processes = int(os.environ[NUM_PROCESSES_ENV])
+    if process_id is None and os.environ.get(PROCESS_ID_ENV):
+        process_id = int(os.environ[PROCESS_ID_ENV])
+    if coordinator_address is None:
+        if num_processes not in (None, 1):
+            raise ValueError(
+                f"num_processes={num_processes} needs a coordinator address "
+                f"(flag --coordinator_address or ${COORDINATOR_ENV})."
+            )
+        return False
+    if coordinator_address == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+
+
+def create_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a device mesh from ``{axis_name: size}``; one size may be -1 (the rest).
+
+    Args:
+        axes: Ordered axis sizes, e.g. ``config.mesh`` = ``{"data": -1}``.
+        devices: Devices to use (default: ``jax.devices()``, all processes).
+
+    Returns:
+        A ``Mesh`` over all ``devices``.
+
+    Raises:
+        ValueError: If the sizes do not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    names = tuple(axes.keys())
+    sizes = [int(axes[name]) for name in names]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got {dict(axes)}.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if known == 0 or len(devices) % known:
+            raise ValueError(f"Mesh {dict(axes)} does not divide {len(devices)} devices.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"Mesh {dict(zip(names, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "
+            f"have {len(devices)}."
+        )
+    # Auto axes: XLA propagates shardings from the jit in/out shardings (GSPMD), so
+    # model code needs no sharding annotations.
+    axis_types = (AxisType.Auto,) * len(names)
+    return jax.make_mesh(tuple(sizes), names, axis_types, devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding that splits the leading (batch) axis over the ``"data"`` mesh axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def put_batch(batch: Any, mesh: Mesh) -> Any:
+    """Assembles this process's slice of a global batch into global ``jax.Array`` s.
+
+    Works for one and for many processes: each process passes the rows it
+    loaded (``jbn.data.train_batches(..., process_index, process_count)``) and
+    the global batch is ``process_count`` times larger along axis 0.
+
+    Args:
+        batch: Pytree of host arrays with a leading per-process batch axis.
+        mesh: The device mesh.
+
+    Returns:
+        The same pytree of global arrays sharded with ``batch_sharding(mesh)``.
+    """
+    sharding = batch_sharding(mesh)
+    count = jax.process_count()
+
+    def put(x: np.ndarray) -> jax.Array:
+        global_shape = (x.shape[0] * count, *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    return jax.tree.map(put, batch)

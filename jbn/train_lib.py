@@ -1,0 +1,372 @@
+"""Training library: TrainState, jitted train/eval steps, and the train-and-evaluate loop.
+
+The steps are plain functions of arrays, jitted once per run with explicit
+shardings over a device mesh (batch split over ``"data"``, state replicated)
+and the state donated, so the same code runs on one CPU, on all devices of a
+host and on many hosts.
+
+Resuming is exact: the data order of a step is a function of ``(seed, epoch)``
+and the position in the epoch, and the augmentation key of a step is
+``fold_in(key, step)``, so N straight steps and k steps + restart from the
+checkpoint + N-k steps give bitwise-identical states.
+
+Example:
+    >>> from configs import tiny  # doctest: +SKIP
+    >>> train_and_evaluate(tiny.get_config(), "/tmp/run")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import pathlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from jbn import data, distributed, run_log
+from jbn.checkpoint import Checkpointer
+from jbn.models import make_model
+from jbn.optim import make_optimizer, make_schedule
+
+__all__ = [
+    "TrainState",
+    "create_train_state",
+    "eval_step",
+    "evaluate",
+    "make_eval_step",
+    "make_train_step",
+    "train_and_evaluate",
+    "train_step",
+]
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+CHECKPOINT_DIR = "checkpoints"
+CURVES_FILE = "curves.png"
+CONFIG_FILE = "config.json"
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus the BatchNorm running statistics (``{}`` without BN)."""
+
+    batch_stats: Any = flax.struct.field(default_factory=dict)
+
+
+def create_train_state(
+    config: Any, rng: jax.Array, mesh: Mesh, *, steps_per_epoch: int | None = None
+) -> TrainState:
+    """Initialises model variables and optimizer state, replicated over ``mesh``.
+
+    Args:
+        config: The run config (``model``, ``optim``, ``data.batch_size``,
+            ``num_epochs``).
+        rng: PRNG key for the parameter initialisation.
+        mesh: Device mesh; every leaf is replicated over it.
+        steps_per_epoch: Steps of one epoch, for the LR schedule (default: the
+            50,000 CIFAR-10 training images divided by the batch size).
+
+    Returns:
+        A `TrainState` at step 0 with ``apply_fn`` and ``tx`` set.
+    """
+    if steps_per_epoch is None:
+        steps_per_epoch = data.num_train_steps(50_000, config.data.batch_size)
+    model = make_model(config.model)
+    tx = make_optimizer(config.optim, config.num_epochs * steps_per_epoch)
+
+    def init(rng: jax.Array) -> TrainState:
+        variables = model.init(rng, jnp.zeros((1, *data.IMAGE_SHAPE), jnp.float32), train=False)
+        state = TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            tx=tx,
+            batch_stats=variables.get("batch_stats", {}),
+        )
+        return state.replace(step=jnp.zeros((), jnp.int32))
+
+    return jax.jit(init, out_shardings=distributed.replicated(mesh))(rng)
+
+
+def _variables(state: TrainState, params: Any) -> dict[str, Any]:
+    variables = {"params": params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return variables
+
+
+def train_step(
+    state: TrainState, batch: Batch, rng: jax.Array, *, augment: bool = True
+) -> tuple[TrainState, Metrics]:
+    """One SGD step on a batch of uint8 images, updating the BatchNorm statistics.
+
+    Args:
+        state: Current state (donated by `make_train_step`).
+        batch: ``dict(image=uint8 [B, 32, 32, 3], label=int32 [B])``.
+        rng: Run-level PRNG key; the step's key is ``fold_in(rng, state.step)``.
+        augment: Random crop + flip (``jbn.data.augment``) before normalising.
+
+    Returns:
+        The new state and ``dict(loss, accuracy, finite)``, where ``finite`` is
+        False when the loss or the updated parameters hold a NaN or infinity.
+    """
+    images = batch["image"]
+    if augment:
+        images = data.augment(jax.random.fold_in(rng, state.step), images)
+    x = data.preprocess(images)
+    labels = batch["label"]
+
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        logits, updates = state.apply_fn(
+            _variables(state, params), x, train=True, mutable=["batch_stats"]
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, (logits, updates.get("batch_stats", state.batch_stats))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(new_state.params))
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "finite": finite,
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    """Masked evaluation sums with the running statistics; nothing is mutated.
+
+    Args:
+        state: The state to evaluate.
+        batch: ``dict(image, label, mask)``; rows with ``mask=False`` are padding.
+
+    Returns:
+        ``dict(loss_sum, correct, count)`` over the valid rows (float32).
+    """
+    logits = state.apply_fn(
+        _variables(state, state.params), data.preprocess(batch["image"]), train=False
+    )
+    mask = batch["mask"].astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(loss * mask),
+        "correct": jnp.sum(correct * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def make_train_step(config: Any, mesh: Mesh) -> Any:
+    """``train_step`` jitted over ``mesh`` with the state donated.
+
+    Returns:
+        ``step(state, batch, rng) -> (state, metrics)``.
+    """
+    replicated = distributed.replicated(mesh)
+    return jax.jit(
+        functools.partial(train_step, augment=config.data.augment),
+        in_shardings=(replicated, distributed.batch_sharding(mesh), replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(mesh: Mesh) -> Any:
+    """``eval_step`` jitted over ``mesh``: ``step(state, batch) -> sums``."""
+    replicated = distributed.replicated(mesh)
+    return jax.jit(
+        eval_step,
+        in_shardings=(replicated, distributed.batch_sharding(mesh)),
+        out_shardings=replicated,
+    )
+
+
+def _device_batches(iterator: Iterator[Batch], mesh: Mesh, prefetch: int) -> Iterator[Batch]:
+    put = functools.partial(distributed.put_batch, mesh=mesh)
+    return data.prefetch(iterator, prefetch, put=put) if prefetch > 0 else map(put, iterator)
+
+
+def evaluate(
+    state: TrainState, dataset: data.Dataset, config: Any, mesh: Mesh, step_fn: Any
+) -> dict:
+    """Evaluates on the whole test set, every image exactly once.
+
+    Returns:
+        ``dict(test_loss, test_accuracy, test_count)`` as Python numbers.
+    """
+    batches = data.eval_batches(
+        dataset.test_images,
+        dataset.test_labels,
+        config.data.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    totals = None
+    for batch in _device_batches(batches, mesh, config.data.prefetch):
+        sums = step_fn(state, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = int(totals["count"])
+    return {
+        "test_loss": float(totals["loss_sum"]) / max(count, 1),
+        "test_accuracy": float(totals["correct"]) / max(count, 1),
+        "test_count": count,
+    }
+
+
+def _check_finite(pending: list[tuple[int, Metrics]]) -> None:
+    """Raises FloatingPointError naming the first step whose loss/params are non-finite."""
+    for step, metrics in jax.device_get(pending):
+        if not metrics["finite"]:
+            raise FloatingPointError(
+                f"Non-finite loss or parameters at train step {step} (loss={metrics['loss']}); "
+                "stopping without checkpointing it. Lower optim.learning_rate or check the data."
+            )
+    pending.clear()
+
+
+def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Trains, evaluates after every epoch, checkpoints, and resumes from ``workdir``.
+
+    Args:
+        config: The run config (see ``configs/default.py``).
+        workdir: Directory for ``checkpoints/``, ``metrics.jsonl``, ``config.json``
+            and ``curves.png``;
+            a re-run with the same workdir resumes from the latest checkpoint.
+
+    Returns:
+        The last metrics record (see `jbn.run_log`).
+
+    Raises:
+        FloatingPointError: If a train step produces a non-finite loss or parameters.
+    """
+    start_time = time.time()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    mesh = distributed.create_mesh(config.mesh)
+    dataset = data.load_cifar10(config.data.data_dir, download=config.data.download)
+    batch_size = config.data.batch_size
+    steps_per_epoch = data.num_train_steps(len(dataset.train_images), batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={batch_size} exceeds {len(dataset.train_images)} images.")
+    total_steps = config.num_epochs * steps_per_epoch
+    stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
+    schedule = make_schedule(config.optim, total_steps)
+
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    state = create_train_state(config, init_rng, mesh, steps_per_epoch=steps_per_epoch)
+    checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, config.keep_checkpoints)
+    state, restored = checkpointer.restore_latest(state)
+    start_step = int(state.step)
+    if is_main:
+        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
+        run_log.truncate_after(workdir, start_step)
+        if restored is not None:
+            print(f"Resumed from {checkpointer.directory} at step {restored}.")
+    p_train = make_train_step(config, mesh)
+    p_eval = make_eval_step(mesh)
+    record: dict[str, Any] = {}
+    try:
+        step = start_step
+        for epoch in range(start_step // steps_per_epoch, -(-stop_step // steps_per_epoch)):
+            first = epoch * steps_per_epoch
+            end = min(first + steps_per_epoch, stop_step)
+            batches = data.train_batches(
+                dataset.train_images,
+                dataset.train_labels,
+                batch_size,
+                seed=config.seed,
+                epoch=epoch,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+            batches = itertools.islice(batches, step - first, end - first)
+            bar = tqdm(
+                total=(end - step) * batch_size,
+                desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                unit="img",
+                unit_scale=True,
+                disable=not is_main,
+                leave=True,
+            )
+            epoch_start, epoch_begin = time.perf_counter(), step
+            sums, pending = None, []
+            for batch in _device_batches(batches, mesh, config.data.prefetch):
+                state, metrics = p_train(state, batch, train_rng)
+                step += 1
+                pending.append((step, metrics))
+                sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+                bar.update(batch_size)
+                if step % config.log_every_steps == 0 or step == end:
+                    last = jax.device_get(metrics)
+                    _check_finite(pending)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
+                if step % config.checkpoint_every_steps == 0:
+                    _check_finite(pending)
+                    checkpointer.save(step, state)
+            _check_finite(pending)
+            sums = jax.device_get(sums)
+            train_time = time.perf_counter() - epoch_start
+            images_per_sec = (step - epoch_begin) * batch_size / train_time
+            bar.set_postfix(
+                loss=f"{sums['loss'] / (step - epoch_begin):.3f}",
+                acc=f"{sums['accuracy'] / (step - epoch_begin):.3f}",
+                img_s=f"{images_per_sec:.0f}",
+            )
+            bar.close()
+            record = {
+                "epoch": round(step / steps_per_epoch, 4),
+                "step": step,
+                "train_loss": float(sums["loss"]) / (step - epoch_begin),
+                "train_accuracy": float(sums["accuracy"]) / (step - epoch_begin),
+                **evaluate(state, dataset, config, mesh, p_eval),
+                "images_per_sec": images_per_sec,
+                "lr": float(schedule(step - 1)),
+                "wall_time_s": time.time() - start_time,
+            }
+            if is_main:
+                run_log.append(workdir, record)
+                print(
+                    f"epoch {record['epoch']:g}: train_loss={record['train_loss']:.4f} "
+                    f"test_loss={record['test_loss']:.4f} "
+                    f"test_accuracy={100 * record['test_accuracy']:.2f}% "
+                    f"images/s={images_per_sec:.0f}",
+                    flush=True,
+                )
+            checkpointer.save(step, state)
+        checkpointer.save(step, state)
+    finally:
+        checkpointer.close()
+    if not record:  # Nothing left to train: report the restored state.
+        records = run_log.read(workdir) if is_main else []
+        record = records[-1] if records else {"step": step}
+        record.update(evaluate(state, dataset, config, mesh, p_eval))
+    if is_main:
+        _finish(workdir, record, time.time() - start_time)
+    return record
+
+
+def _finish(workdir: pathlib.Path, record: dict[str, Any], wall: float) -> None:
+    """Writes the learning curves and prints the summary line."""
+    from jbn import plot  # Imported late: matplotlib is only needed here.
+
+    curves = workdir / CURVES_FILE
+    if run_log.read(workdir):
+        plot.plot_runs([workdir], curves)
+    print(
+        f"Done: step {record['step']}, test_accuracy={100 * record['test_accuracy']:.2f}% "
+        f"test_loss={record['test_loss']:.4f} ({record['test_count']} images), "
+        f"wall {wall:.0f}s; metrics in {workdir / run_log.METRICS_FILE}, curves in {curves}.",
+        flush=True,
+    )
