@@ -134,7 +134,7 @@ def train_step(
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(new_state.params))
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(new_state.params))
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
@@ -302,29 +302,31 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
             )
             epoch_start, epoch_begin = time.perf_counter(), step
             sums, pending = None, []
-            for batch in _device_batches(batches, mesh, config.data.prefetch):
-                state, metrics = p_train(state, batch, train_rng)
-                step += 1
-                pending.append((step, metrics))
-                sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-                bar.update(batch_size)
-                if step % config.log_every_steps == 0 or step == end:
-                    last = jax.device_get(metrics)
-                    _check_finite(pending)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
-                if step % config.checkpoint_every_steps == 0:
-                    _check_finite(pending)
-                    checkpointer.save(step, state)
-            _check_finite(pending)
-            sums = jax.device_get(sums)
-            train_time = time.perf_counter() - epoch_start
-            images_per_sec = (step - epoch_begin) * batch_size / train_time
-            bar.set_postfix(
-                loss=f"{sums['loss'] / (step - epoch_begin):.3f}",
-                acc=f"{sums['accuracy'] / (step - epoch_begin):.3f}",
-                img_s=f"{images_per_sec:.0f}",
-            )
-            bar.close()
+            try:
+                for batch in _device_batches(batches, mesh, config.data.prefetch):
+                    state, metrics = p_train(state, batch, train_rng)
+                    step += 1
+                    pending.append((step, metrics))
+                    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+                    bar.update(batch_size)
+                    if step % config.log_every_steps == 0 or step == end:
+                        last = jax.device_get(metrics)
+                        _check_finite(pending)
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
+                    if step % config.checkpoint_every_steps == 0:
+                        _check_finite(pending)
+                        checkpointer.save(step, state)
+                _check_finite(pending)
+                sums = jax.device_get(sums)
+                train_time = time.perf_counter() - epoch_start
+                images_per_sec = (step - epoch_begin) * batch_size / train_time
+                bar.set_postfix(
+                    loss=f"{sums['loss'] / (step - epoch_begin):.3f}",
+                    acc=f"{sums['accuracy'] / (step - epoch_begin):.3f}",
+                    img_s=f"{images_per_sec:.0f}",
+                )
+            finally:
+                bar.close()
             record = {
                 "epoch": round(step / steps_per_epoch, 4),
                 "step": step,

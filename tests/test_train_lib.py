@@ -1,0 +1,190 @@
+"""Tests for jbn.train_lib, train.py and jbn.plot on the tiny CIFAR-format fixture."""
+
+import json
+import pathlib
+import re
+import runpy
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jbn import data, distributed, plot, run_log, train_lib
+from jbn.checkpoint import Checkpointer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(name="tiny.py", **overrides):
+    config = runpy.run_path(str(REPO / "configs" / name))["get_config"]()
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+@pytest.fixture
+def tiny(cifar_fixture_dir):
+    return _config(**{"data.data_dir": str(cifar_fixture_dir)})
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return distributed.create_mesh({"data": -1})
+
+
+def _batch(dataset, size, mesh, mask=False):
+    batch = {"image": dataset.test_images[:size], "label": dataset.test_labels[:size]}
+    if mask:
+        batch["mask"] = np.ones(size, bool)
+    return distributed.put_batch(batch, mesh)
+
+
+def _assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_train_step_updates_and_eval_step_mutates_nothing(tiny, mesh, cifar_fixture_dir):
+    dataset = data.load_cifar10(cifar_fixture_dir, download=False)
+    state = train_lib.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
+    before = jax.device_get(state)
+    step = train_lib.make_train_step(tiny, mesh)
+    state, metrics = step(state, _batch(dataset, 32, mesh), jax.random.key(1))
+    assert np.isfinite(metrics["loss"]) and bool(metrics["finite"])
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+    assert int(state.step) == 1
+    for key in ("bn0", "bn1"):
+        assert not np.allclose(state.batch_stats[key]["mean"], before.batch_stats[key]["mean"])
+    after_train = jax.device_get(state)
+    sums = train_lib.make_eval_step(mesh)(state, _batch(dataset, 16, mesh, mask=True))
+    assert float(sums["count"]) == 16.0 and np.isfinite(sums["loss_sum"])
+    _assert_trees_equal(state, after_train)
+
+
+def test_no_retracing_after_first_step(tiny, mesh, cifar_fixture_dir, monkeypatch):
+    traces = {"train": 0, "eval": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            traces[name] += 1  # Runs only while tracing.
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(train_lib, "train_step", counting("train", train_lib.train_step))
+    monkeypatch.setattr(train_lib, "eval_step", counting("eval", train_lib.eval_step))
+    dataset = data.load_cifar10(cifar_fixture_dir, download=False)
+    state = train_lib.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
+    step = train_lib.make_train_step(tiny, mesh)
+    evaluate = train_lib.make_eval_step(mesh)
+    for i in range(4):
+        state, _ = step(state, _batch(dataset, 32, mesh), jax.random.key(i))
+        evaluate(state, _batch(dataset, 16, mesh, mask=True))
+    assert traces == {"train": 1, "eval": 1}
+    assert step._cache_size() == 1 and evaluate._cache_size() == 1
+
+
+def test_no_bn_state_has_no_batch_stats(mesh, cifar_fixture_dir):
+    config = _config("no_bn.py", **{"model.widths": (4, 8), "data.batch_size": 32})
+    dataset = data.load_cifar10(cifar_fixture_dir, download=False)
+    state = train_lib.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=10)
+    assert state.batch_stats == {}
+    assert set(state.params["conv0"]) == {"kernel", "bias"}
+    state, metrics = train_lib.make_train_step(config, mesh)(
+        state, _batch(dataset, 32, mesh), jax.random.key(0)
+    )
+    assert state.batch_stats == {} and bool(metrics["finite"])
+
+
+def test_eval_counts_every_test_image_once(tiny, mesh, cifar_fixture_dir):
+    dataset = data.load_cifar10(cifar_fixture_dir, download=False)
+    assert len(dataset.test_images) % tiny.data.eval_batch_size != 0  # Padded last batch.
+    state = train_lib.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
+    result = train_lib.evaluate(state, dataset, tiny, mesh, train_lib.make_eval_step(mesh))
+    assert result["test_count"] == len(dataset.test_images)
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        data.preprocess(jnp.asarray(dataset.test_images)),
+        train=False,
+    )
+    expected = float(np.mean(np.argmax(logits, -1) == dataset.test_labels))
+    assert result["test_accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_resume_is_bitwise_identical(tiny, tmp_path, mesh):
+    # 10 steps per epoch, checkpoint every 4: the split (6) is mid-epoch and off-interval.
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_lib.train_and_evaluate(_config_like(tiny, max_steps=13), straight)
+    train_lib.train_and_evaluate(_config_like(tiny, max_steps=6), split)
+    assert Checkpointer(split / "checkpoints").all_steps() == [4, 6]
+    train_lib.train_and_evaluate(_config_like(tiny, max_steps=13), split)
+
+    target = train_lib.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
+    states = []
+    for workdir in (straight, split):
+        checkpointer = Checkpointer(workdir / "checkpoints", tiny.keep_checkpoints)
+        assert checkpointer.all_steps() == [12, 13]  # keep_checkpoints=2.
+        state, step = checkpointer.restore_latest(target)
+        checkpointer.close()
+        assert step == 13 and int(state.step) == 13
+        states.append(state)
+    _assert_trees_equal(states[0].params, states[1].params)
+    _assert_trees_equal(states[0].batch_stats, states[1].batch_stats)
+    _assert_trees_equal(states[0].opt_state, states[1].opt_state)
+    # The metrics log of the resumed run has the same epochs as the straight one.
+    epochs = [[r["epoch"] for r in run_log.read(w)] for w in (straight, split)]
+    assert epochs[0] == [1.0, 1.3]
+    assert epochs[1] == [0.6, 1.0, 1.3]
+
+
+def _config_like(config, **overrides):
+    config = config.copy_and_resolve_references()
+    config.update(overrides)
+    return config
+
+
+def test_non_finite_loss_stops_and_is_not_checkpointed(tiny, tmp_path):
+    config = _config_like(tiny, checkpoint_every_steps=1)
+    config.optim.learning_rate = 1e30
+    with pytest.raises(FloatingPointError, match=r"at train step \d+") as info:
+        train_lib.train_and_evaluate(config, tmp_path)
+    bad_step = int(re.search(r"train step (\d+)", str(info.value)).group(1))
+    steps = Checkpointer(tmp_path / "checkpoints").all_steps()
+    assert all(s < bad_step for s in steps), (steps, bad_step)
+
+
+def test_train_py_config_overrides_metrics_and_plots(cifar_fixture_dir, tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config=configs/tiny.py",
+        "--config.num_epochs=1",
+        "--config.optim.learning_rate=0.2",
+        f"--config.data.data_dir={cifar_fixture_dir}",
+        f"--workdir={workdir}",
+    ]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Done: step 10" in result.stdout
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["optim"]["learning_rate"] == 0.2 and saved["num_epochs"] == 1
+    (record,) = run_log.read(workdir)
+    expected_keys = {"epoch", "step", "train_loss", "train_accuracy", "test_loss"}
+    expected_keys |= {"test_accuracy", "images_per_sec", "lr", "wall_time_s"}
+    assert expected_keys <= set(record) and record["step"] == 10
+    assert (workdir / "curves.png").stat().st_size > 0
+
+    # Two runs side by side through the plot CLI.
+    other = tmp_path / "other"
+    other.mkdir()
+    run_log.append(other, {**record, "test_accuracy": 0.5})
+    out = tmp_path / "both.png"
+    plot.main([str(workdir), str(other), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
