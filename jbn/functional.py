@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -94,37 +95,37 @@ def _stats_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _sum_of_products(a: Array, b: Array, reduction_axes: tuple[int, ...]) -> Array:
+    """``sum(a * b)`` over ``reduction_axes`` with ``keepdims``, as one ``dot_general``."""
+    kept = tuple(ax for ax in range(a.ndim) if ax not in reduction_axes)
+    out = lax.dot_general(
+        a, b, ((reduction_axes, reduction_axes), (kept, kept)), precision=lax.Precision.HIGHEST
+    )
+    shape = tuple(1 if ax in reduction_axes else a.shape[ax] for ax in range(a.ndim))
+    return out.reshape(shape)
+
+
 def _local_moments(
     x: Array, mask: Array | None, reduction_axes: tuple[int, ...]
 ) -> tuple[Array, Array, Array]:
     """Count, mean and sum of squared deviations over this device's data.
 
-    One pass over ``x``: sums are taken of ``x - shift`` where ``shift`` is a
-    sample of each feature (its first valid-looking element), which keeps the
-    variance accurate when ``|mean| >> std``, unlike ``E[x^2] - E[x]^2``.
+    Two passes over ``x`` (the mean, then the squared deviations from it), so
+    the variance stays accurate when ``|mean| >> std``, unlike
+    ``E[x^2] - E[x]^2``. On XLA:CPU each pass is one fused reduction.
 
     Returns:
       ``(count, mean, m2)`` with ``keepdims`` shapes.
     """
-    first = tuple(slice(0, 1) if ax in reduction_axes else slice(None) for ax in range(x.ndim))
-    shift = x[first]
     if mask is None:
-        count = jnp.asarray(
-            functools.reduce(lambda a, b: a * b, (x.shape[ax] for ax in reduction_axes), 1),
-            x.dtype,
-        )
-        count = jnp.broadcast_to(count, shift.shape)
-        centred = x - shift
-    else:
-        shift = jnp.where(mask[first], shift, 0)
-        count = jnp.sum(mask, reduction_axes, dtype=x.dtype, keepdims=True)
-        centred = jnp.where(mask, x - shift, 0)
-    total = jnp.sum(centred, reduction_axes, keepdims=True)
-    total_sq = jnp.sum(centred * centred, reduction_axes, keepdims=True)
-    safe_count = jnp.maximum(count, 1)
-    mean_offset = total / safe_count
-    m2 = jnp.maximum(total_sq - total * mean_offset, 0)
-    return count, shift + mean_offset, m2
+        count = math.prod(x.shape[ax] for ax in reduction_axes)
+        mean = jnp.sum(x, reduction_axes, keepdims=True) / count
+        m2 = jnp.sum(jnp.square(x - mean), reduction_axes, keepdims=True)
+        return jnp.full(mean.shape, count, x.dtype), mean, m2
+    count = jnp.sum(mask, reduction_axes, dtype=x.dtype, keepdims=True)
+    mean = jnp.sum(jnp.where(mask, x, 0), reduction_axes, keepdims=True) / jnp.maximum(count, 1)
+    m2 = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0), reduction_axes, keepdims=True)
+    return count, mean, m2
 
 
 def _gathered_type(x: Array, axis_name: AxisName) -> str:
@@ -177,6 +178,32 @@ def _reduce_across_devices(sums: Array, axis_name: AxisName, axis_index_groups: 
     return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
 
 
+def _centred_moments(
+    x: Array,
+    mask: Array | None,
+    reduction_axes: tuple[int, ...],
+    epsilon: float,
+    axis_name: AxisName,
+    axis_index_groups: Any,
+) -> tuple[Array, Moments, Array]:
+    """Returns ``x - mean`` (float32 or wider), the moments, and ``rsqrt(var + eps)``."""
+    xf = x.astype(_stats_dtype(x.dtype))
+    moments_ = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
+    return xf - moments_.mean, moments_, lax.rsqrt(moments_.var + epsilon)
+
+
+def _per_feature_affine(
+    rstd: Array, scale: Array | None, bias: Array | None
+) -> tuple[Array, Array | float]:
+    """Per-feature ``(multiplier, offset)`` so that ``y = centred * multiplier + offset``.
+
+    Computing these on the small per-feature arrays first keeps ``rsqrt`` and
+    the products out of the per-element loop.
+    """
+    multiplier = rstd if scale is None else rstd * scale
+    return multiplier, 0.0 if bias is None else bias
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _normalize_with_batch_stats(
     x: Array,
@@ -194,18 +221,12 @@ def _normalize_with_batch_stats(
     Returns:
       ``(y, mean, var, count)``; the statistics keep the reduced axes as size 1.
     """
-    xf = x.astype(_stats_dtype(x.dtype))
-    mean, var, count = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
-    y = _affine((xf - mean) * lax.rsqrt(var + epsilon), scale, bias)
+    centred, (mean, var, count), rstd = _centred_moments(
+        x, mask, reduction_axes, epsilon, axis_name, axis_index_groups
+    )
+    multiplier, offset = _per_feature_affine(rstd, scale, bias)
+    y = centred * multiplier + offset
     return y.astype(out_dtype), mean, var, count
-
-
-def _affine(x_hat: Array, scale: Array | None, bias: Array | None) -> Array:
-    if scale is not None:
-        x_hat = x_hat * scale
-    if bias is not None:
-        x_hat = x_hat + bias
-    return x_hat
 
 
 @_normalize_with_batch_stats.defjvp
@@ -214,40 +235,39 @@ def _normalize_with_batch_stats_jvp(
 ):
     """Closed-form derivative of batch normalization.
 
-    With ``x_hat = (x - mean) * rstd`` and ``w`` the mask, the tangent is
-    ``rstd * (dx - sum(w dx) / n - x_hat * sum(w x_hat dx) / n)``; its transpose
-    (the backward pass) has the same shape, so reverse mode needs only ``x``,
-    the statistics and the parameters, and one reduction of two stacked sums.
+    With ``d = x - mean``, ``a = scale * rstd`` and ``w`` the mask, the
+    tangent is ``a * (dx - mean_w(dx)) - d * a * rstd^2 * mean_w(d dx)
+    + d * rstd * dscale + dbias``. Its transpose (the backward pass) has the
+    same form, so reverse mode keeps one full-size residual, ``d``, which the
+    forward pass computes anyway, and needs one reduction of two stacked sums.
     """
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
-    stats_dtype = _stats_dtype(x.dtype)
-    xf = x.astype(stats_dtype)
-    mean, var, count = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
-    rstd = lax.rsqrt(var + epsilon)
-    x_hat = (xf - mean) * rstd
-    y = _affine(x_hat, scale, bias)
+    centred, (mean, var, count), rstd = _centred_moments(
+        x, mask, reduction_axes, epsilon, axis_name, axis_index_groups
+    )
+    multiplier, offset = _per_feature_affine(rstd, scale, bias)
+    y = centred * multiplier + offset
 
-    dxf = dx.astype(stats_dtype)
+    dxf = dx.astype(centred.dtype)
     weighted = dxf if mask is None else jnp.where(mask, dxf, 0)
     sums = jnp.stack(
         [
             jnp.sum(weighted, reduction_axes, keepdims=True),
-            jnp.sum(weighted * x_hat, reduction_axes, keepdims=True),
+            _sum_of_products(weighted, centred, reduction_axes),
         ]
     )
-    sums = _reduce_across_devices(sums, axis_name, axis_index_groups)
-    safe_count = jnp.maximum(count, 1)
-    mean_dx, mean_xhat_dx = sums[0] / safe_count, sums[1] / safe_count
-    dx_hat = rstd * (dxf - mean_dx - x_hat * mean_xhat_dx)
-    dy = dx_hat if scale is None else dx_hat * scale
+    sums = _reduce_across_devices(sums, axis_name, axis_index_groups) / jnp.maximum(count, 1)
+    mean_dx, mean_centred_dx = sums[0], sums[1]
+    centred_coef = -multiplier * jnp.square(rstd) * mean_centred_dx
     if scale is not None:
-        dy = dy + x_hat * dscale.astype(stats_dtype)
+        centred_coef = centred_coef + rstd * dscale.astype(centred.dtype)
+    constant = -multiplier * mean_dx
     if bias is not None:
-        dy = dy + dbias.astype(stats_dtype)
-    dvar = 2 * mean_xhat_dx / rstd
+        constant = constant + dbias.astype(centred.dtype)
+    dy = dxf * multiplier + centred * centred_coef + constant
     primal_out = (y.astype(out_dtype), mean, var, count)
-    tangent_out = (dy.astype(out_dtype), mean_dx, dvar, jnp.zeros_like(count))
+    tangent_out = (dy.astype(out_dtype), mean_dx, 2 * mean_centred_dx, jnp.zeros_like(count))
     return primal_out, tangent_out
 
 

@@ -1,0 +1,44 @@
+"""Side-by-side timing helpers for the bench scripts: interleaved rounds, medians."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+
+
+def jax_callable(fn: Callable, *args) -> Callable[[], None]:
+    """Returns a no-argument callable running ``fn(*args)`` to completion (compiled first)."""
+    jax.block_until_ready(fn(*args))
+
+    def run():
+        jax.block_until_ready(fn(*args))
+
+    return run
+
+
+def time_once(fn: Callable[[], None], min_seconds: float = 0.2) -> float:
+    """Milliseconds per call, averaged over enough calls to fill ``min_seconds``."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return 1e3 * elapsed / calls
+
+
+def interleaved_medians(funcs: dict[str, Callable[[], None]], rounds: int = 7, min_seconds: float = 0.2) -> dict[str, float]:
+    """Median milliseconds per call of each function, measured in interleaved rounds.
+
+    Each round times every function once, so slow drifts of a shared machine hit
+    all competitors alike.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in funcs}
+    for _ in range(rounds):
+        for name, fn in funcs.items():
+            samples[name].append(time_once(fn, min_seconds))
+    return {name: statistics.median(values) for name, values in samples.items()}
