@@ -17,7 +17,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jbn
 from bench import timing
@@ -91,7 +90,9 @@ def main():
     parser.add_argument("--markdown", default=None, help="append a markdown table to this file")
     args = parser.parse_args()
     lines = ["## BatchNorm alone (training mode, float32, median ms; ratio = other / jbn)", ""]
-    lines.append("| shape (NHWC) | op | jbn | flax | torch CL | memory copy | flax/jbn | torch/jbn |")
+    lines.append(
+        "| shape (NHWC) | op | jbn | flax | torch CL | memory copy | flax/jbn | torch/jbn |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|")
     for shape in SHAPES:
         funcs = {**jax_cases(shape), **torch_cases(shape)}

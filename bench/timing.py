@@ -31,7 +31,9 @@ def time_once(fn: Callable[[], None], min_seconds: float = 0.2) -> float:
             return 1e3 * elapsed / calls
 
 
-def interleaved_medians(funcs: dict[str, Callable[[], None]], rounds: int = 7, min_seconds: float = 0.2) -> dict[str, float]:
+def interleaved_medians(
+    funcs: dict[str, Callable[[], None]], rounds: int = 7, min_seconds: float = 0.2
+) -> dict[str, float]:
     """Median milliseconds per call of each function, measured in interleaved rounds.
 
     Each round times every function once, so slow drifts of a shared machine hit
