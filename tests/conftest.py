@@ -1,6 +1,17 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures.
+
+The suite runs on 8 fake CPU devices (set before JAX is imported) so that the
+sharded code paths are tested on every machine.
+"""
 
 from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import pathlib
 import pickle

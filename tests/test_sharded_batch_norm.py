@@ -1,0 +1,134 @@
+"""jbn.batch_norm with axis_name under shard_map equals the global computation.
+
+Runs on 8 fake CPU devices (tests/conftest.py). Tolerance: 1e-5 (float32).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jbn
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    if jax.device_count() < 8:
+        pytest.fail("tests/conftest.py should have set 8 fake CPU devices")
+    return jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+
+
+def _sharded_bn(mesh, **kwargs):
+    def f(x, mask, params, stats):
+        return jbn.batch_norm(
+            x, params, stats, training=True, axis_name="data", mask=mask, **kwargs
+        )
+
+    return jax.jit(
+        jax.shard_map(
+            f, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()), out_specs=(P("data"), P())
+        )
+    )
+
+
+def _data(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(3.0, 2.0, shape).astype(np.float32)
+    params = {
+        "scale": rng.normal(size=shape[-1:]).astype(np.float32),
+        "bias": rng.normal(size=shape[-1:]).astype(np.float32),
+    }
+    return x, params, jbn.init_batch_stats(shape[-1])
+
+
+def test_shard_map_equals_global_batch(mesh):
+    x, params, stats = _data((32, 4, 4, 3))
+    y, new = _sharded_bn(mesh, momentum=0.9)(x, np.ones((32, 1, 1, 1), bool), params, stats)
+    y_ref, new_ref = jbn.batch_norm(x, params, stats, training=True, momentum=0.9)
+    np.testing.assert_allclose(y, y_ref, atol=TOL)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL), new, new_ref)
+
+
+def test_masks_with_unequal_valid_counts_per_device(mesh):
+    x, params, stats = _data((32, 5, 3), seed=1)
+    mask = np.ones((32, 5, 1), bool)
+    mask[:4] = False  # device 0: nothing valid
+    mask[4:8, 2:] = False  # device 1: partly valid
+    mask[-3:] = False  # device 7: one valid row
+    x[~np.broadcast_to(mask, x.shape)] = 1e6  # padding garbage must not leak
+    y, new = _sharded_bn(mesh, momentum=0.5, unbiased_running_var=True)(x, mask, params, stats)
+    y_ref, new_ref = jbn.batch_norm(
+        x, params, stats, training=True, momentum=0.5, unbiased_running_var=True, mask=mask
+    )
+    valid = np.broadcast_to(mask, x.shape)
+    np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(y_ref)[valid], atol=TOL)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL), new, new_ref)
+    # And against float64 NumPy on the valid elements only.
+    xv = x.reshape(-1, 3)[np.broadcast_to(mask, x.shape).reshape(-1, 3)[:, 0]].astype(np.float64)
+    np.testing.assert_allclose(new["mean"], 0.5 * xv.mean(0), rtol=TOL)
+    np.testing.assert_allclose(new["var"], 0.5 + 0.5 * xv.var(0, ddof=1), rtol=TOL)
+
+
+def test_gradients_match_global_and_use_one_collective_each_way(mesh):
+    x, params, stats = _data((32, 6, 3), seed=2)
+    mask = np.random.default_rng(3).random((32, 6, 1)) > 0.25
+    w = np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
+    sharded = _sharded_bn(mesh)
+
+    def loss(x, params):
+        return jnp.sum(jnp.sin(sharded(x, mask, params, stats)[0]) * w)
+
+    def loss_ref(x, params):
+        return jnp.sum(jnp.sin(jbn.batch_norm(x, params, stats, training=True, mask=mask)[0]) * w)
+
+    grads = jax.jit(jax.grad(loss, (0, 1)))(x, params)
+    grads_ref = jax.grad(loss_ref, (0, 1))(x, params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=TOL), grads, grads_ref
+    )
+
+    forward = sharded.lower(x, mask, params, stats).compile().as_text()
+    backward = jax.jit(jax.grad(loss, (0, 1))).lower(x, params).compile().as_text()
+    collective = r"\s(all-reduce|all-gather|reduce-scatter|all-to-all)(-start)?\("
+    assert len(re.findall(collective, forward)) == 1, "forward statistics: one all-gather"
+    # The backward program also holds the forward: one all-gather, plus one all-reduce
+    # carrying BatchNorm's two backward sums (XLA may combine it with the psum of the
+    # replicated parameters' gradients, never split it).
+    ops = [m.group(1) for m in re.finditer(collective, backward)]
+    assert ops.count("all-gather") == 1 and ops.count("all-reduce") == 1, ops
+
+
+def test_axis_index_groups(mesh):
+    x, params, stats = _data((32, 3), seed=5)
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+    def f(x):
+        return jbn.batch_norm(
+            x, params, stats, training=True, axis_name="data", axis_index_groups=groups
+        )[0]
+
+    y = jax.jit(
+        jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False)
+    )(x)
+    y_ref = np.concatenate(
+        [
+            jbn.batch_norm(x[:16], params, stats, training=True)[0],
+            jbn.batch_norm(x[16:], params, stats, training=True)[0],
+        ]
+    )
+    np.testing.assert_allclose(y, y_ref, atol=TOL)
+
+
+def test_plain_jit_with_a_sharded_batch_needs_no_axis_name(mesh):
+    x, params, stats = _data((64, 4, 4, 3), seed=6)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    y, new = jax.jit(lambda x: jbn.batch_norm(x, params, stats, training=True))(xs)
+    y_ref, new_ref = jbn.batch_norm(x, params, stats, training=True)
+    np.testing.assert_allclose(y, y_ref, atol=TOL)
+    np.testing.assert_allclose(new["var"], new_ref["var"], rtol=TOL)
