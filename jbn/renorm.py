@@ -1,0 +1,308 @@
+"""Batch Renormalization (Ioffe 2017): functional core, clip schedule, linen module.
+
+In training, with batch moments ``mu_B, sigma_B`` and running ``mu, sigma``
+(``sigma = sqrt(var + epsilon)``)::
+
+    r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+    d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+    y = scale * (x_hat * r + d) + bias,   x_hat = (x - mu_B) / sigma_B
+
+so the output is a function of the running statistics, yet gradients flow
+through the batch statistics as in BatchNorm, with ``r`` and ``d`` constants.
+This is built on the public core: ``r`` and ``d`` come from :func:`jbn.moments`
+under ``stop_gradient``, then :func:`jbn.batch_norm` runs with the effective
+parameters ``{scale: scale * r, bias: scale * d + bias}``; its closed-form
+derivative treats them as constants, as the paper prescribes. (This costs one
+extra reduction pass over ``x`` for the moments.) With ``r_max=1, d_max=0`` it
+is exactly BatchNorm. Inference uses the running statistics like BatchNorm.
+
+Running statistics: the same ``mean``/``var`` exponential moving averages as
+:func:`jbn.batch_norm` (the paper averages ``sigma`` rather than ``var``; keeping
+``var`` keeps the checkpoints, folding, recalibration and interop of BatchNorm).
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> import jbn
+  >>> from jbn.renorm import batch_renorm
+  >>> x = jnp.arange(8.0).reshape(4, 2)
+  >>> y, stats = batch_renorm(x, jbn.init_params(2), jbn.init_batch_stats(2),
+  ...                         training=True, r_max=1.0, d_max=0.0)
+  >>> y.shape
+  (4, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import dtypes, initializers
+from jax import lax
+
+from jbn import functional, validation
+
+__all__ = ["BatchRenorm", "batch_renorm", "renorm_clip_schedule", "renorm_corrections"]
+
+Array = jax.Array
+ClipSchedule = Callable[[Array], tuple[Array, Array]]
+
+
+def _check_clips(r_max: Any, d_max: Any) -> None:
+    if isinstance(r_max, (int, float)) and not r_max >= 1:
+        raise ValueError(f"r_max must be >= 1, got {r_max}")
+    if isinstance(d_max, (int, float)) and not d_max >= 0:
+        raise ValueError(f"d_max must be >= 0, got {d_max}")
+
+
+def renorm_corrections(
+    batch: functional.Moments,
+    stats: functional.BatchStats,
+    *,
+    r_max: float | Array,
+    d_max: float | Array,
+    epsilon: float = 1e-5,
+) -> tuple[Array, Array]:
+    """Returns Batch Renorm's ``(r, d)`` for these batch moments, under ``stop_gradient``.
+
+    Args:
+      batch: Batch moments (:func:`jbn.moments`).
+      stats: Running ``{"mean", "var"}``.
+      r_max: Clip of ``r`` to ``[1 / r_max, r_max]``.
+      d_max: Clip of ``d`` to ``[-d_max, d_max]``.
+      epsilon: Added to both variances.
+    """
+    batch_sigma = jnp.sqrt(batch.var + epsilon)
+    running_sigma = jnp.sqrt(stats["var"].astype(batch.var.dtype) + epsilon)
+    r = jnp.clip(batch_sigma / running_sigma, 1 / r_max, r_max)
+    d = jnp.clip((batch.mean - stats["mean"]) / running_sigma, -d_max, d_max)
+    return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def batch_renorm(
+    x: Array,
+    params: functional.Params | None,
+    stats: functional.BatchStats,
+    *,
+    training: bool,
+    r_max: float | Array,
+    d_max: float | Array,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    axis: functional.Axes = -1,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    mask: Array | None = None,
+    unbiased_running_var: bool = False,
+    dtype: Any = None,
+) -> tuple[Array, dict[str, Array]]:
+    """Batch Renormalization, returning the output and the new running statistics.
+
+    Args:
+      x: Input; features along ``axis``.
+      params: ``{"scale", "bias"}`` (either may be absent) or ``None``.
+      stats: Running ``{"mean", "var"}`` (+ ``"count"``).
+      training: Renormalize with batch statistics and update ``stats`` (True),
+        or normalize with ``stats`` (False).
+      r_max: ``r`` is clipped to ``[1 / r_max, r_max]``; ``>= 1`` (may be traced).
+      d_max: ``d`` is clipped to ``[-d_max, d_max]``; ``>= 0`` (may be traced).
+      momentum: Decay of the running statistics (Flax convention).
+      epsilon: Added to the variances.
+      axis: Feature axis or axes.
+      axis_name: Mapped axis name(s) whose devices share statistics.
+      axis_index_groups: Groups of indices within ``axis_name``.
+      mask: Boolean array broadcastable to ``x``: the elements that count.
+      unbiased_running_var: Store the unbiased variance (PyTorch convention).
+      dtype: Output dtype (default: ``x.dtype``).
+
+    Returns:
+      ``(y, new_stats)``.
+
+    Raises:
+      ValueError: If ``r_max < 1`` or ``d_max < 0`` (when given as numbers), or
+        on the errors of :func:`jbn.batch_norm`.
+    """
+    _check_clips(r_max, d_max)
+    x = jnp.asarray(x)
+    kwargs = dict(
+        momentum=momentum,
+        epsilon=epsilon,
+        axis=axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        unbiased_running_var=unbiased_running_var,
+        dtype=dtype,
+    )
+    if not training:
+        return functional.batch_norm(x, params, stats, training=False, **kwargs)
+    feature_axes = validation.canonical_axes(x.ndim, axis)
+    batch = functional.moments(
+        lax.stop_gradient(x),
+        axis=feature_axes,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )
+    r, d = renorm_corrections(batch, stats, r_max=r_max, d_max=d_max, epsilon=epsilon)
+    params = params or {}
+    scale = params.get("scale")
+    scale = r if scale is None else scale * r
+    bias = d if params.get("scale") is None else params["scale"] * d
+    if params.get("bias") is not None:
+        bias = bias + params["bias"]
+    return functional.batch_norm(x, {"scale": scale, "bias": bias}, stats, training=True, **kwargs)
+
+
+def renorm_clip_schedule(
+    step: int | Array,
+    *,
+    warmup_steps: int,
+    ramp_steps: int,
+    r_max_final: float = 3.0,
+    d_max_final: float = 5.0,
+    d_ramp_steps: int | None = None,
+) -> tuple[Array, Array]:
+    """The paper's clip schedule: BatchNorm during warm-up, then linear ramps.
+
+    ``r_max`` is 1 and ``d_max`` 0 (plain BatchNorm) for ``step <=
+    warmup_steps``, then both grow linearly to ``r_max_final`` and
+    ``d_max_final`` over ``ramp_steps`` steps (``d_ramp_steps`` for ``d_max``
+    when given; the paper used 5k warm-up, 40k and 25k ramp steps).
+
+    Args:
+      step: Training step (int or traced array).
+      warmup_steps: Steps of plain BatchNorm.
+      ramp_steps: Steps over which ``r_max`` grows from 1 to ``r_max_final``.
+      r_max_final: Final ``r_max``.
+      d_max_final: Final ``d_max``.
+      d_ramp_steps: Steps over which ``d_max`` grows (default: ``ramp_steps``).
+
+    Returns:
+      ``(r_max, d_max)`` as float32 scalars.
+    """
+
+    def progress(steps: int) -> Array:
+        elapsed = jnp.asarray(step, jnp.float32) - warmup_steps
+        if steps <= 0:
+            return (elapsed >= 0).astype(jnp.float32)
+        return jnp.clip(elapsed / steps, 0.0, 1.0)
+
+    d_steps = ramp_steps if d_ramp_steps is None else d_ramp_steps
+    r_max = 1.0 + (r_max_final - 1.0) * progress(ramp_steps)
+    d_max = d_max_final * progress(d_steps)
+    return r_max, d_max
+
+
+class BatchRenorm(nn.Module):
+    """Batch Renormalization with the attributes and variables of ``jbn.BatchNorm``.
+
+    Variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var,count}``;
+    ``count`` (the number of training steps seen) is always tracked and drives
+    ``clip_schedule``. Ghost batches (``virtual_batch_size``) are not offered.
+
+    Attributes:
+      use_running_average: Normalize with the running statistics.
+      axis: Feature axis or axes.
+      momentum: Decay of the running statistics (Flax convention), or ``None``
+        for a cumulative average.
+      epsilon: Added to the variance.
+      dtype: Output dtype (default: inferred from the input and parameters).
+      param_dtype: Dtype of ``scale`` and ``bias``.
+      use_bias: Add a learned bias.
+      use_scale: Multiply by a learned scale.
+      bias_init: Initializer of the bias.
+      scale_init: Initializer of the scale.
+      axis_name: Mapped axis name(s) whose devices share statistics.
+      axis_index_groups: Groups of indices within ``axis_name``.
+      use_fast_variance: Accepted for compatibility with Flax.
+      force_float32_reductions: Keep the running statistics in float32.
+      unbiased_running_var: Store ``n / (n - 1) * var`` like PyTorch.
+      r_max: Clip of ``r`` (used when ``clip_schedule`` is ``None``).
+      d_max: Clip of ``d`` (used when ``clip_schedule`` is ``None``).
+      clip_schedule: ``step -> (r_max, d_max)``, e.g. ``functools.partial(
+        renorm_clip_schedule, warmup_steps=5000, ramp_steps=40000)``.
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = initializers.zeros
+    scale_init: Any = initializers.ones
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    unbiased_running_var: bool = False
+    r_max: float = 3.0
+    d_max: float = 5.0
+    clip_schedule: ClipSchedule | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
+        """Renormalizes ``x``; in training also updates ``batch_stats``.
+
+        Args:
+          x: Input.
+          use_running_average: Overrides the attribute of the same name.
+          mask: Boolean array broadcastable to ``x``: the elements that count.
+
+        Returns:
+          The normalized input.
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        x = jnp.asarray(x)
+        feature_axes = validation.canonical_axes(x.ndim, self.axis)
+        feature_shape = tuple(x.shape[ax] for ax in feature_axes)
+        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        variables = {
+            "mean": self.variable(
+                "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
+            ),
+            "var": self.variable(
+                "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
+            ),
+            "count": self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32)),
+        }
+        params = {}
+        if self.use_scale:
+            params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+        if self.use_bias:
+            params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+        dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
+        stats = {k: v.value for k, v in variables.items()}
+        if self.clip_schedule is None:
+            r_max, d_max = self.r_max, self.d_max
+        else:
+            r_max, d_max = self.clip_schedule(stats["count"])
+        y, new_stats = batch_renorm(
+            x,
+            params or None,
+            stats,
+            training=not use_running_average,
+            r_max=r_max,
+            d_max=d_max,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=feature_axes,
+            axis_name=None if self.is_initializing() else self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            unbiased_running_var=self.unbiased_running_var,
+            dtype=dtype,
+        )
+        if not use_running_average and not self.is_initializing():
+            for key, variable in variables.items():
+                variable.value = new_stats[key]
+        return y
