@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.norm = "jbn"  # "jbn" (jbn.BatchNorm) or "flax" (flax.linen.BatchNorm).
     config.model.bn_momentum = 0.9  # Flax decay convention; PyTorch momentum=0.1.
     config.model.bn_epsilon = 1e-5
+    # Which examples share BatchNorm statistics in training: "global" (the whole
+    # global batch, exact as on one device), "local" (each device's shard, like
+    # PyTorch DDP without SyncBatchNorm) or "ghost" (virtual_batch_size groups).
+    config.model.bn_stats = "global"
     config.model.virtual_batch_size = ml_collections.FieldReference(None, field_type=int)
 
     config.optim = ml_collections.ConfigDict()

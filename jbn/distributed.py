@@ -23,8 +23,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
+    "BATCH_STATS_MODES",
     "DATA_AXIS",
     "batch_sharding",
+    "batch_stats_group_size",
     "create_mesh",
     "maybe_initialize_distributed",
     "put_batch",
@@ -146,3 +148,58 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(put, batch)
+
+
+BATCH_STATS_MODES = ("global", "local", "ghost")
+
+
+def batch_stats_group_size(
+    mode: str, global_batch_size: int, mesh: Mesh, virtual_batch_size: int | None = None
+) -> int | None:
+    """How many examples share BatchNorm statistics in training, per mode.
+
+    - ``"global"``: the whole global batch, exactly as on one device (``None``).
+    - ``"local"``: each device's share of the batch, like PyTorch DDP without
+      SyncBatchNorm. The batch is split over ``"data"`` in contiguous blocks,
+      so ghost groups of the per-device size are exactly the devices' shards
+      and XLA computes their statistics without communication.
+    - ``"ghost"``: fixed-size virtual batches (Hoffer et al. 2017) of
+      ``virtual_batch_size`` examples.
+
+    In every mode the running statistics are averaged over the groups, so they
+    stay identical on every device.
+
+    Args:
+        mode: One of `BATCH_STATS_MODES`.
+        global_batch_size: Examples per train step over all processes.
+        mesh: The device mesh (its ``"data"`` axis splits the batch).
+        virtual_batch_size: Group size for ``"ghost"``.
+
+    Returns:
+        The ``virtual_batch_size`` for ``jbn.BatchNorm`` (``None``: the whole batch).
+
+    Raises:
+        ValueError: On an unknown mode or sizes that do not divide the batch.
+    """
+    if mode not in BATCH_STATS_MODES:
+        raise ValueError(f"Unknown batch-stats mode {mode!r}; expected one of {BATCH_STATS_MODES}.")
+    if mode == "global":
+        if virtual_batch_size is not None:
+            raise ValueError(
+                "virtual_batch_size is set but bn_stats='global'; use bn_stats='ghost'."
+            )
+        return None
+    if mode == "local":
+        devices = mesh.shape[DATA_AXIS]
+        if global_batch_size % devices:
+            raise ValueError(
+                f"bn_stats='local' needs the batch size {global_batch_size} to divide "
+                f"evenly over {devices} devices."
+            )
+        return global_batch_size // devices
+    if virtual_batch_size is None or global_batch_size % virtual_batch_size:
+        raise ValueError(
+            f"bn_stats='ghost' needs a virtual_batch_size dividing the batch size "
+            f"{global_batch_size}, got {virtual_batch_size}."
+        )
+    return virtual_batch_size

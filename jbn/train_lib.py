@@ -81,7 +81,7 @@ def create_train_state(
     """
     if steps_per_epoch is None:
         steps_per_epoch = data.num_train_steps(50_000, config.data.batch_size)
-    model = make_model(config.model)
+    model = make_model(_model_config(config, mesh))
     tx = make_optimizer(config.optim, config.num_epochs * steps_per_epoch)
 
     def init(rng: jax.Array) -> TrainState:
@@ -95,6 +95,19 @@ def create_train_state(
         return state.replace(step=jnp.zeros((), jnp.int32))
 
     return jax.jit(init, out_shardings=distributed.replicated(mesh))(rng)
+
+
+def _model_config(config: Any, mesh: Mesh) -> Any:
+    """``config.model`` with the BatchNorm groups of ``config.model.bn_stats`` resolved."""
+    model_config = config.model.copy_and_resolve_references()
+    with model_config.unlocked():
+        model_config.virtual_batch_size = distributed.batch_stats_group_size(
+            config.model.get("bn_stats", "global"),
+            config.data.batch_size,
+            mesh,
+            config.model.get("virtual_batch_size"),
+        )
+    return model_config
 
 
 def _variables(state: TrainState, params: Any) -> dict[str, Any]:
