@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 __all__ = [
     "BATCH_STATS_MODES",
     "DATA_AXIS",
+    "assert_replicas_agree",
     "batch_sharding",
     "batch_stats_group_size",
     "create_mesh",
@@ -203,3 +204,21 @@ def batch_stats_group_size(
             f"{global_batch_size}, got {virtual_batch_size}."
         )
     return virtual_batch_size
+
+
+def assert_replicas_agree(tree: Any, what: str = "state") -> None:
+    """Checks that every process holds the same values of a replicated pytree.
+
+    A no-op in a single-process run. Uses
+    ``jax.experimental.multihost_utils.assert_equal`` on each process's local
+    copy, so a divergence between hosts fails loudly instead of silently.
+
+    Raises:
+        AssertionError: If two processes hold different values.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    multihost_utils.assert_equal(local, f"{what} differs between processes")

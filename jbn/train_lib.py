@@ -363,6 +363,11 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
         checkpointer.save(step, state)
     finally:
         checkpointer.close()
+    distributed.assert_replicas_agree(
+        {"params": state.params, "batch_stats": state.batch_stats}, "params/batch_stats"
+    )
+    if is_main and jax.process_count() > 1:
+        print(f"params and batch_stats agree across {jax.process_count()} processes.", flush=True)
     if not record:  # Nothing left to train: report the restored state.
         records = run_log.read(workdir) if is_main else []
         record = records[-1] if records else {"step": step}

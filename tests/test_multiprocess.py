@@ -1,0 +1,116 @@
+"""Two processes on 127.0.0.1 (2 fake CPU devices each, gloo) run train.py.
+
+Both processes must finish with identical params and batch stats (train_lib
+checks with multihost_utils.assert_equal and exits non-zero otherwise), equal
+to a 1-process run on 4 devices within 1e-5, including across a resume from
+a checkpoint written by both processes. Every process is killed on failure.
+"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jbn import distributed, train_lib
+from jbn.checkpoint import Checkpointer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 240
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_cmd(workdir, data_dir, max_steps):
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.num_epochs=1",
+        f"--config.max_steps={max_steps}",
+        "--config.checkpoint_every_steps=2",
+    ]
+
+
+def _env(devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+    return env
+
+
+def _run_processes(cmds, env):
+    """Runs commands concurrently; kills all of them if any fails or times out."""
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd in cmds
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+            outputs.append(out)
+            if proc.returncode != 0:
+                raise AssertionError(f"process exited with {proc.returncode}:\n{out[-4000:]}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outputs
+
+
+def _two_processes(workdir, data_dir, max_steps):
+    port = _free_port()
+    cmds = [
+        _train_cmd(workdir, data_dir, max_steps)
+        + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+        for i in range(2)
+    ]
+    return _run_processes(cmds, _env(2))
+
+
+def _restore(workdir, data_dir):
+    import runpy
+
+    config = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
+    config.data.data_dir = str(data_dir)
+    config.num_epochs = 1
+    mesh = distributed.create_mesh({"data": 1}, devices=jax.devices()[:1])
+    target = train_lib.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=10)
+    with Checkpointer(pathlib.Path(workdir) / train_lib.CHECKPOINT_DIR) as ckpt:
+        state, step = ckpt.restore_latest(target)
+    return step, jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_match_one_process_on_four_devices(cifar_fixture_dir, tmp_path):
+    multi, single = tmp_path / "two_processes", tmp_path / "one_process"
+    # Two processes: 2 steps, then a re-run resumes from the shared checkpoint to step 4.
+    first = _two_processes(multi, cifar_fixture_dir, max_steps=2)
+    second = _two_processes(multi, cifar_fixture_dir, max_steps=4)
+    assert "Resumed from" in second[0] and "agree across 2 processes" in second[0]
+    assert "epoch" not in first[1] and "Done:" not in second[1], "only process 0 prints progress"
+    _run_processes([_train_cmd(single, cifar_fixture_dir, max_steps=4)], _env(4))
+
+    step_multi, multi_state = _restore(multi, cifar_fixture_dir)
+    step_single, single_state = _restore(single, cifar_fixture_dir)
+    assert step_multi == step_single == 4
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+        multi_state,
+        single_state,
+    )
+    assert (multi / "metrics.jsonl").exists() and (multi / "curves.png").exists()
