@@ -1,0 +1,144 @@
+"""SmallBNConvNet train step: jbn vs flax.linen vs PyTorch eager (NCHW, channels_last).
+
+Batch 128 of 32x32x3, SGD(lr=0.1, momentum=0.9), cross-entropy; the same maths
+in every framework. Competitors run side by side in one process in interleaved
+rounds; the median images/s and the ratios to jbn are printed, plus the
+compiled temp memory of the jitted steps (``memory_analysis()``).
+
+  python bench/bench_train_step.py [--rounds 5] [--markdown out.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import flax.linen as nn
+import jax
+import optax
+
+from bench import timing
+from jbn.models import SmallBNConvNet
+
+BATCH = 128
+
+
+def _flax_pool(x, window):
+    return nn.max_pool(x, (window, window), (window, window))
+
+
+def jax_step(model):
+    """Returns (run, compiled) for a jitted, donated SGD step of ``model``."""
+    images = jax.random.normal(jax.random.key(0), (BATCH, 32, 32, 3))
+    labels = jax.random.randint(jax.random.key(1), (BATCH,), 0, 10)
+    variables = model.init(jax.random.key(2), images, train=False)
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+    def step(state, images, labels):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    jitted = jax.jit(step, donate_argnums=0)
+    compiled = jitted.lower(state, images, labels).compile()
+    holder = [state]
+
+    def run():
+        holder[0], loss = jitted(holder[0], images, labels)
+        loss.block_until_ready()
+
+    return run, compiled
+
+
+def torch_step(channels_last):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(2)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * 8 * 8, 10),
+    )
+    images = torch.randn(BATCH, 3, 32, 32)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (BATCH,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(images), labels)
+        loss.backward()
+        opt.step()
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--markdown", default=None, help="append a markdown table to this file")
+    args = parser.parse_args()
+    jbn_run, jbn_compiled = jax_step(SmallBNConvNet())
+    flax_model = SmallBNConvNet(
+        norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5), pool=_flax_pool
+    )
+    flax_run, flax_compiled = jax_step(flax_model)
+    funcs = {"jbn": jbn_run, "flax.linen": flax_run}
+    for name, channels_last in (("torch NCHW", False), ("torch channels_last", True)):
+        run = torch_step(channels_last)
+        if run is not None:
+            funcs[name] = run
+    medians = timing.interleaved_medians(funcs, rounds=args.rounds, min_seconds=1.0)
+    ips = {name: BATCH / (ms / 1e3) for name, ms in medians.items()}
+    lines = [
+        f"## SmallBNConvNet train step (batch {BATCH}, SGD momentum; median of {args.rounds} interleaved rounds)",
+        "",
+        "| implementation | ms/step | images/s | jbn speed-up (x) |",
+        "|---|---|---|---|",
+    ]
+    for name, ms in medians.items():
+        lines.append(f"| {name} | {ms:.2f} | {ips[name]:.0f} | {ips['jbn'] / ips[name]:.2f} |")
+    temp = {
+        name: compiled.memory_analysis().temp_size_in_bytes
+        for name, compiled in (("jbn", jbn_compiled), ("flax.linen", flax_compiled))
+    }
+    lines += [
+        "",
+        "Compiled train-step temp memory (`memory_analysis().temp_size_in_bytes`): "
+        f"jbn {temp['jbn'] / 2**20:.2f} MiB, flax.linen {temp['flax.linen'] / 2**20:.2f} MiB "
+        f"(jbn / flax = {temp['jbn'] / temp['flax.linen']:.2f}).",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
