@@ -63,7 +63,7 @@ def test_mismatched_stats_raise():
 
 def test_folded_small_bn_convnet_matches_eval_logits():
     model = SmallBNConvNet()
-    x = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
+    x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
     variables = model.init(jax.random.key(3), x, train=False)
     # Non-trivial BN parameters and running statistics.
     for i, n in enumerate(model.widths):

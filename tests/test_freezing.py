@@ -16,7 +16,7 @@ def _data():
     return jax.random.normal(kx, (8, 8, 8, 3)), jax.random.randint(ky, (8,), 0, 10)
 
 
-def _fine_tune(model, variables, tx, steps=3):
+def _fine_tune(model, variables, tx, steps=2):
     x, y = _data()
     opt_state = tx.init(variables["params"])
 
@@ -59,11 +59,6 @@ def test_frozen_stats_do_not_move_but_scale_and_bias_train(norm):
     for name in ("bn0", "bn1"):
         for key in ("scale", "bias"):
             assert not np.array_equal(tuned["params"][name][key], variables["params"][name][key])
-    # The plain model would have moved its statistics.
-    moved = _fine_tune(SmallBNConvNet(widths=(4, 8)), variables, optax.sgd(0.1), steps=1)
-    assert not np.array_equal(
-        moved["batch_stats"]["bn0"]["mean"], variables["batch_stats"]["bn0"]["mean"]
-    )
 
 
 def test_param_mask_freezes_scale_and_bias_too():

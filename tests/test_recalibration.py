@@ -19,7 +19,7 @@ def _setup():
     keys = jax.random.split(jax.random.key(0), 4)
     # Different sizes and distributions: count weighting and the between-batch term matter.
     batches = [
-        jax.random.normal(keys[0], (6, 8, 8, 3)),
+        jax.random.normal(keys[0], (4, 8, 8, 3)),
         jax.random.normal(keys[1], (2, 8, 8, 3)) * 2 + 1,
         jax.random.normal(keys[2], (4, 8, 8, 3)) - 0.5,
     ]
