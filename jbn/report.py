@@ -7,12 +7,13 @@ Usage::
 Reads every ``root/<variant>/`` written by `jbn.sweep` (``metrics.jsonl``,
 ``config.json``, ``status.json``) and writes into ``--out``:
 
-- ``README.md``: one row per variant (BatchNorm or not, peak LR, final and
-  best test accuracy, epochs to reach each threshold, diverged or not, median
+- ``README.md``: one row per variant (BatchNorm or not, peak LR, batch and
+  ghost batch sizes when they vary, final and best test accuracy, epochs to reach each threshold, diverged or not, median
   training images/s), the plots, the training setup and the exact commands
   (from ``root/sweep_log.jsonl`` and this command).
 - ``test_accuracy.png`` and ``train_loss.png`` against epochs: BatchNorm runs
-  solid, runs without dashed, one colour per learning rate (matplotlib, Agg).
+  solid, runs without dashed, one colour per learning rate (per run where
+  BN and learning rate do not tell the runs apart; matplotlib, Agg).
 """
 
 from __future__ import annotations
@@ -99,6 +100,14 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
 
+def _batch_size(run: Run) -> int | None:
+    return run.config.get("data", {}).get("batch_size")
+
+
+def _ghost_size(run: Run) -> int | None:
+    return run.config.get("model", {}).get("virtual_batch_size")
+
+
 def markdown_table(runs: Sequence[Run], thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> str:
     """The results table in GitHub markdown.
 
@@ -112,7 +121,11 @@ def markdown_table(runs: Sequence[Run], thresholds: Sequence[float] = DEFAULT_TH
     Returns:
         The table, one line per row, ending with a newline.
     """
-    header = ["variant", "BN", "peak lr", "final test acc", "best test acc"]
+    batches = {(_batch_size(r), _ghost_size(r)) for r in runs}
+    show_batch = len(batches) > 1 or any(ghost is not None for _, ghost in batches)
+    header = ["variant", "BN", "peak lr"]
+    header += ["batch", "ghost batch"] if show_batch else []
+    header += ["final test acc", "best test acc"]
     header += [f"epochs to {100 * t:g}%" for t in thresholds]
     header += ["diverged", "images/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -120,6 +133,9 @@ def markdown_table(runs: Sequence[Run], thresholds: Sequence[float] = DEFAULT_TH
         accs = [r["test_accuracy"] for r in run.records]
         final = accs[-1] if accs and run.status == "done" else None
         row = [run.name, "yes" if run.use_batch_norm else "no", f"{run.learning_rate:g}"]
+        if show_batch:
+            ghost = _ghost_size(run)
+            row += [str(_batch_size(run)), "–" if ghost is None else str(ghost)]
         row += [_pct(final), _pct(max(accs) if accs else None)]
         for threshold in thresholds:
             epoch = epochs_to_reach(run.records, threshold)
@@ -135,12 +151,15 @@ def markdown_table(runs: Sequence[Run], thresholds: Sequence[float] = DEFAULT_TH
 
 
 def _plot(runs: Sequence[Run], key: str, ylabel: str, out: pathlib.Path, scale: float) -> None:
-    rates = sorted({r.learning_rate for r in runs})
-    cmap = plt.get_cmap("viridis")
-    colors = {lr: cmap(i / max(len(rates) - 1, 1)) for i, lr in enumerate(rates)}
+    # Colour by learning rate when (BN, lr) tells the runs apart, else by run.
+    by_lr = len({(r.use_batch_norm, r.learning_rate) for r in runs}) == len(runs)
+    keys = sorted({r.learning_rate for r in runs}) if by_lr else [r.name for r in runs]
+    cmap = plt.get_cmap("viridis" if by_lr else "tab10")
+    colors = {k: cmap(i / max(len(keys) - 1, 1) if by_lr else i) for i, k in enumerate(keys)}
     fig, ax = plt.subplots(figsize=(8, 5))
     for run in runs:
         label = f"{'BN' if run.use_batch_norm else 'no BN'}, lr {run.learning_rate:g}"
+        label = label if by_lr else f"{run.name} ({label})"
         if run.status == "diverged":
             label += f" (diverged, step {run.diverged_step})"
         epochs = [r["epoch"] for r in run.records]
@@ -148,7 +167,7 @@ def _plot(runs: Sequence[Run], key: str, ylabel: str, out: pathlib.Path, scale: 
         ax.plot(
             epochs,
             values,
-            color=colors[run.learning_rate],
+            color=colors[run.learning_rate if by_lr else run.name],
             ls="-" if run.use_batch_norm else "--",
             marker="o" if run.use_batch_norm else "s",
             markersize=4,

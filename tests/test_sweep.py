@@ -127,11 +127,12 @@ def test_cli_skips_finished_variant_and_logs_command(tmp_path):
     assert entry["command"].startswith("python -m jbn.sweep --sweep=")
 
 
-def _write_run(root, name, use_bn, lr, accs, speeds, status, step=None):
+def _write_run(root, name, use_bn, lr, accs, speeds, status, step=None, **overrides):
     workdir = root / name
     workdir.mkdir(parents=True)
     config = runpy.run_path(str(REPO / "configs" / "default.py"))["get_config"]()
     config.model.use_batch_norm, config.optim.learning_rate, config.num_epochs = use_bn, lr, 4
+    config = sweep.variant_config(config, overrides)
     (workdir / "config.json").write_text(config.to_json_best_effort())
     for epoch, (acc, speed) in enumerate(zip(accs, speeds, strict=True), 1):
         record = {"epoch": float(epoch), "step": 390 * epoch, "test_accuracy": acc}
@@ -167,3 +168,18 @@ def test_report_table_numbers_and_plots(tmp_path):
         assert f"]({name})" in text
         assert (out / name).read_bytes()[:8] == PNG
     assert report.epochs_to_reach([{"epoch": 0.5, "test_accuracy": 0.6}], 0.6) == 0.5
+
+
+def test_report_shows_batch_columns_when_they_vary(tmp_path):
+    sweep_file = REPO / "configs" / "sweeps" / "ghost_bn.py"
+    variants = runpy.run_path(str(sweep_file))["get_config"]().variants
+    assert list(variants) == ["b128", "b128_ghost32", "b512", "b512_ghost128"]
+    _write_run(tmp_path, "b128", True, 0.1, [0.6], [50], "done")
+    ghost = {"data.batch_size": 512, "model.virtual_batch_size": 128}
+    _write_run(tmp_path, "b512_ghost128", True, 0.4, [0.7], [60], "done", **ghost)
+    table = report.markdown_table(report.load_runs(tmp_path))
+    assert table.splitlines()[0].startswith("| variant | BN | peak lr | batch | ghost batch |")
+    assert "| b128 | yes | 0.1 | 128 | – | 60.00% |" in table
+    assert "| b512_ghost128 | yes | 0.4 | 512 | 128 | 70.00% |" in table
+    report.write_report(tmp_path, tmp_path / "out")
+    assert (tmp_path / "out" / report.ACCURACY_PLOT).read_bytes()[:8] == PNG
