@@ -106,8 +106,9 @@ class SmallBNConvNet(nn.Module):
             )(x)
             if self.use_batch_norm:
                 x = norm(use_running_average=not train, name=f"bn{i}")(x)
-            x = nn.relu(x)
-            x = self.pool(x, self.pool_window)
+            # max_pool(relu(x)) == relu(max_pool(x)), gradients included (ReLU is
+            # monotone and relu'(0) = 0): the ReLU runs on 4x fewer elements.
+            x = nn.relu(self.pool(x, self.pool_window))
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 

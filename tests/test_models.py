@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import jbn
 from jbn.models import SmallBNConvNet, make_model
 
 
@@ -109,3 +110,32 @@ def test_make_model_from_config():
     cfg.name = "ResNet"
     with pytest.raises(ValueError, match="Unknown model 'ResNet'"):
         make_model(cfg)
+
+
+def test_fast_network_equals_the_seed_ordering_with_reduce_window_pooling():
+    """relu(max_pool(x)) with jbn's pool == max_pool(relu(x)) with nn.max_pool, value and grads."""
+
+    class SeedOrder(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            for i, width in enumerate((16, 32)):
+                x = nn.Conv(width, (3, 3), padding="SAME", use_bias=False, name=f"conv{i}")(x)
+                x = jbn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(x)
+                x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+            return nn.Dense(10, name="head")(x.reshape(x.shape[0], -1))
+
+    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+    variables = SmallBNConvNet().init(jax.random.key(1), x, train=False)
+
+    def loss(params, model):
+        logits, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(jnp.sin(logits))
+
+    value, grads = jax.value_and_grad(loss)(variables["params"], SmallBNConvNet())
+    ref_value, ref_grads = jax.value_and_grad(loss)(variables["params"], SeedOrder())
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, ref_grads
+    )
