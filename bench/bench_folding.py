@@ -9,26 +9,17 @@ Usage: ``python bench/bench_folding.py [--rounds 7] [--batch 1000]``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from bench import timing
 from jbn.folding import fold_small_bn_convnet
 from jbn.models import SmallBNConvNet
 
 
-def milliseconds_per_call(fn: Callable[[], jax.Array], min_seconds: float) -> float:
-    """Average milliseconds of ``fn()`` (run to completion) over ``min_seconds``."""
-    calls, start = 0, time.perf_counter()
-    while True:
-        jax.block_until_ready(fn())
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return 1e3 * elapsed / calls
+def _blocking(fn):
+    return lambda: jax.block_until_ready(fn())
 
 
 def main() -> None:
@@ -53,11 +44,8 @@ def main() -> None:
         "folded": lambda: eval_folded(folded, images),
     }
     diff = float(jnp.max(jnp.abs(runs["unfolded"]() - runs["folded"]())))
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, run in runs.items():
-            samples[name].append(milliseconds_per_call(run, args.min_seconds))
-    medians = {name: statistics.median(v) for name, v in samples.items()}
+    funcs = {name: _blocking(run) for name, run in runs.items()}
+    medians = timing.interleaved_medians(funcs, rounds=args.rounds, min_seconds=args.min_seconds)
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, batch {args.batch}")
     for name, value in medians.items():
         print(f"{name:>9}: {value:8.2f} ms/step (median of {args.rounds} rounds)")
