@@ -78,17 +78,17 @@ def max_pool(x: jax.Array, window: int) -> jax.Array:
         ValueError: If ``window`` is not a positive int, ``x`` has fewer than 3
             dimensions, or the spatial size is not divisible by ``window``.
     """
-    return functools.reduce(jnp.maximum, _window_elements(x, window))
+    return functools.reduce(jnp.maximum, sum(_window_element_rows(x, window), []))
 
 
-def _window_elements(x: jax.Array, window: int) -> list[jax.Array]:
-    """The ``window**2`` strided views ``x[..., i::k, j::k, :]`` in row-major order.
+def _window_element_rows(x: jax.Array, window: int) -> list[list[jax.Array]]:
+    """The strided views ``x[..., i::k, j::k, :]``, as rows ``i`` of columns ``j``.
 
     Elementwise maxima of these views fuse into one pass on XLA:CPU, where a
     reduction over the two window axes of a reshaped array does not.
     """
     xw = _windows(x, window)
-    return [xw[..., i, :, j, :] for i in range(window) for j in range(window)]
+    return [[xw[..., i, :, j, :] for j in range(window)] for i in range(window)]
 
 
 def _max_pool_fwd(x: jax.Array, window: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -102,15 +102,16 @@ def _max_pool_bwd(
     x, y = residuals
     zero = jnp.zeros((), g.dtype)
     taken = jnp.zeros(y.shape, bool)
-    grads = []
-    for element in _window_elements(x, window):  # Row-major: the first maximum wins.
-        chosen = (element == y) & ~taken
-        taken = taken | chosen
-        grads.append(jnp.where(chosen, g, zero))
-    # (..., H/k, W/k, C) x k*k -> (..., H/k, k, W/k, k, C) -> (..., H, W, C).
-    dx = jnp.stack(grads, axis=-2).reshape(*y.shape[:-1], window, window, y.shape[-1])
-    dx = jnp.moveaxis(dx, -3, -4)
-    return (dx.reshape(x.shape),)
+    rows = []
+    for element_row in _window_element_rows(x, window):  # Row-major: the first maximum wins.
+        grads = []
+        for element in element_row:
+            chosen = (element == y) & ~taken
+            taken = taken | chosen
+            grads.append(jnp.where(chosen, g, zero))
+        rows.append(jnp.stack(grads, axis=-2))  # (..., H/k, W/k, k, C)
+    # (..., H/k, k, W/k, k, C) is (..., H, W, C) in memory: the reshape is free.
+    return (jnp.stack(rows, axis=-4).reshape(x.shape),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
