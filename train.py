@@ -13,17 +13,12 @@ JBN_COORDINATOR_ADDRESS/JBN_NUM_PROCESSES/JBN_PROCESS_ID) on every process.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Sequence
 
-# Large fresh output buffers are slow with glibc's default mmap threshold on this
-# kind of machine; serve them from the heap instead (see README). The variable
-# must be set before the process starts, so re-exec once with it set.
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-if os.environ.get("JBN_NO_MALLOC_TUNING") is None and any(k not in os.environ for k in _MALLOC_ENV):
-    os.environ.update({k: os.environ.get(k, v) for k, v in _MALLOC_ENV.items()})
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from jbn import malloc_tuning
+
+# Must run before JAX is imported: the allocator reads these at process start.
+malloc_tuning.reexec_with_malloc_tuning()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

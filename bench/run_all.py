@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from jbn import malloc_tuning
+
 SCRIPTS = [
     ("bench.bench_train_step", ["--rounds", "5"], ["--rounds", "3"]),
     ("bench.bench_batchnorm", ["--rounds", "7"], ["--rounds", "3"]),
@@ -45,7 +47,7 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def header() -> str:
+def header(env: dict[str, str]) -> str:
     """The machine and library versions, as markdown."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     versions = ", ".join(
@@ -61,7 +63,7 @@ def header() -> str:
             f"- machine: {_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}",
             f"- python {platform.python_version()}; {versions}",
             f"- load average when started: {load:.2f} (the machine is shared: compare ratios, not absolute times)",
-            f"- MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}",
+            f"- MALLOC_MMAP_THRESHOLD_={env.get('MALLOC_MMAP_THRESHOLD_', 'unset')} (all scripts; as train.py sets it)",
             "",
         ]
     )
@@ -72,11 +74,13 @@ def main() -> None:
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     args = parser.parse_args()
-    sections = [header()]
+    # The same allocator settings as train.py, for every competitor alike.
+    env = malloc_tuning.environment()
+    sections = [header(env)]
     for module, full_args, quick_args in SCRIPTS:
         start = time.perf_counter()
         cmd = [sys.executable, "-m", module, *(quick_args if args.quick else full_args)]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         elapsed = time.perf_counter() - start
         output = (
             result.stdout.strip() if result.returncode == 0 else f"FAILED:\n{result.stderr[-2000:]}"
