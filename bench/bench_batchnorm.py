@@ -104,11 +104,8 @@ def main():
                 f"| {shape} | {op} | {ours:.3f} | {flax_t:.3f} | {torch_t:.3f} | {med['memory copy']:.3f} "
                 f"| {flax_t / ours:.2f}x | {torch_t / ours:.2f}x |"
             )
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text + "\n\n")
+    timing.emit("
+".join(lines), args.markdown)
 
 
 if __name__ == "__main__":

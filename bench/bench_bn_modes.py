@@ -83,11 +83,8 @@ def main():
         lines.append(
             f"| {mode} | {ms:.1f} | {BATCH / ms * 1e3:.0f} | {ms / medians['local']:.2f} | {collectives[mode]} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text + "\n\n")
+    timing.emit("
+".join(lines), args.markdown)
 
 
 if __name__ == "__main__":

@@ -133,11 +133,8 @@ def main():
         f"jbn {temp['jbn'] / 2**20:.2f} MiB, flax.linen {temp['flax.linen'] / 2**20:.2f} MiB "
         f"(jbn / flax = {temp['jbn'] / temp['flax.linen']:.2f}).",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text + "\n\n")
+    timing.emit("
+".join(lines), args.markdown)
 
 
 if __name__ == "__main__":

@@ -44,3 +44,11 @@ def interleaved_medians(
         for name, fn in funcs.items():
             samples[name].append(time_once(fn, min_seconds))
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def emit(text: str, markdown: str | None = None) -> None:
+    """Prints ``text`` and appends it to the ``markdown`` file when one is given."""
+    print(text)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(text + "\n\n")
