@@ -104,8 +104,7 @@ def main():
                 f"| {shape} | {op} | {ours:.3f} | {flax_t:.3f} | {torch_t:.3f} | {med['memory copy']:.3f} "
                 f"| {flax_t / ours:.2f}x | {torch_t / ours:.2f}x |"
             )
-    timing.emit("
-".join(lines), args.markdown)
+    timing.emit("\n".join(lines), args.markdown)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,7 @@ def main():
         lines.append(
             f"| {mode} | {ms:.1f} | {BATCH / ms * 1e3:.0f} | {ms / medians['local']:.2f} | {collectives[mode]} |"
         )
-    timing.emit("
-".join(lines), args.markdown)
+    timing.emit("\n".join(lines), args.markdown)
 
 
 if __name__ == "__main__":

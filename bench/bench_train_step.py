@@ -133,8 +133,7 @@ def main():
         f"jbn {temp['jbn'] / 2**20:.2f} MiB, flax.linen {temp['flax.linen'] / 2**20:.2f} MiB "
         f"(jbn / flax = {temp['jbn'] / temp['flax.linen']:.2f}).",
     ]
-    timing.emit("
-".join(lines), args.markdown)
+    timing.emit("\n".join(lines), args.markdown)
 
 
 if __name__ == "__main__":
