@@ -91,29 +91,8 @@ class BatchNorm(nn.Module):
             "use_running_average", self.use_running_average, use_running_average
         )
         x = jnp.asarray(x)
-        feature_axes = validation.canonical_axes(x.ndim, self.axis)
-        feature_shape = tuple(x.shape[ax] for ax in feature_axes)
-        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        ra_mean = self.variable(
-            "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
-        )
-        ra_var = self.variable(
-            "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
-        )
-        ra_count = None
-        if self.track_count:
-            ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
-
-        params = {}
-        if self.use_scale:
-            params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-        if self.use_bias:
-            params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-        dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
-
-        stats = {"mean": ra_mean.value, "var": ra_var.value}
-        if ra_count is not None:
-            stats["count"] = ra_count.value
+        feature_axes, params, variables, dtype = declare_variables(self, x, self.track_count)
+        stats = {key: variable.value for key, variable in variables.items()}
         y, new_stats = functional.batch_norm(
             x,
             params or None,
@@ -129,9 +108,53 @@ class BatchNorm(nn.Module):
             virtual_batch_size=self.virtual_batch_size,
             dtype=dtype,
         )
-        if not use_running_average and not self.is_initializing():
-            ra_mean.value = new_stats["mean"]
-            ra_var.value = new_stats["var"]
-            if ra_count is not None:
-                ra_count.value = new_stats["count"]
+        store_running_stats(self, variables, new_stats, training=not use_running_average)
         return y
+
+
+def declare_variables(
+    module: nn.Module, x: Array, with_count: bool
+) -> tuple[tuple[int, ...], dict[str, Array], dict[str, Any], Dtype]:
+    """Declares the variables of a BatchNorm-like module as ``flax.linen.BatchNorm`` does.
+
+    ``module`` needs BatchNorm's attributes (``axis``, ``use_scale``,
+    ``param_dtype``, ...).
+
+    Returns:
+      ``(feature_axes, params, stats_variables, output_dtype)``: ``params``
+      holds the present ``scale``/``bias`` values, ``stats_variables`` the
+      ``batch_stats`` variables ``mean``, ``var`` (and ``count``).
+    """
+    feature_axes = validation.canonical_axes(x.ndim, module.axis)
+    feature_shape = tuple(x.shape[ax] for ax in feature_axes)
+    stats_dtype = jnp.float32 if module.force_float32_reductions else module.param_dtype
+    variables = {
+        "mean": module.variable(
+            "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
+        ),
+        "var": module.variable(
+            "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
+        ),
+    }
+    if with_count:
+        variables["count"] = module.variable(
+            "batch_stats", "count", lambda: jnp.zeros((), jnp.int32)
+        )
+    params = {}
+    if module.use_scale:
+        params["scale"] = module.param(
+            "scale", module.scale_init, feature_shape, module.param_dtype
+        )
+    if module.use_bias:
+        params["bias"] = module.param("bias", module.bias_init, feature_shape, module.param_dtype)
+    dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
+    return feature_axes, params, variables, dtype
+
+
+def store_running_stats(
+    module: nn.Module, variables: dict[str, Any], new_stats: dict[str, Array], *, training: bool
+) -> None:
+    """Writes ``new_stats`` into the variables in training (not while initializing)."""
+    if training and not module.is_initializing():
+        for key, variable in variables.items():
+            variable.value = new_stats[key]

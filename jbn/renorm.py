@@ -39,10 +39,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.linen import dtypes, initializers
+from flax.linen import initializers
 from jax import lax
 
 from jbn import functional, validation
+from jbn.linen import declare_variables, store_running_stats
 
 __all__ = ["BatchRenorm", "batch_renorm", "renorm_clip_schedule", "renorm_corrections"]
 
@@ -263,25 +264,8 @@ class BatchRenorm(nn.Module):
             "use_running_average", self.use_running_average, use_running_average
         )
         x = jnp.asarray(x)
-        feature_axes = validation.canonical_axes(x.ndim, self.axis)
-        feature_shape = tuple(x.shape[ax] for ax in feature_axes)
-        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        variables = {
-            "mean": self.variable(
-                "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
-            ),
-            "var": self.variable(
-                "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
-            ),
-            "count": self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32)),
-        }
-        params = {}
-        if self.use_scale:
-            params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-        if self.use_bias:
-            params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-        dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
-        stats = {k: v.value for k, v in variables.items()}
+        feature_axes, params, variables, dtype = declare_variables(self, x, with_count=True)
+        stats = {key: variable.value for key, variable in variables.items()}
         if self.clip_schedule is None:
             r_max, d_max = self.r_max, self.d_max
         else:
@@ -302,7 +286,5 @@ class BatchRenorm(nn.Module):
             unbiased_running_var=self.unbiased_running_var,
             dtype=dtype,
         )
-        if not use_running_average and not self.is_initializing():
-            for key, variable in variables.items():
-                variable.value = new_stats[key]
+        store_running_stats(self, variables, new_stats, training=not use_running_average)
         return y
