@@ -108,11 +108,19 @@ def _ghost_size(run: Run) -> int | None:
     return run.config.get("model", {}).get("virtual_batch_size")
 
 
+def _at_chance(run: Run, accuracy: float | None) -> bool:
+    """Final test accuracy within one point of guessing (finite but collapsed)."""
+    num_classes = run.config.get("model", {}).get("num_classes", 10)
+    return accuracy is not None and accuracy < 1 / num_classes + 0.01
+
+
 def markdown_table(runs: Sequence[Run], thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> str:
     """The results table in GitHub markdown.
 
     Final accuracy is the last epoch's, for finished runs only; best is the
     maximum over recorded epochs; images/s is the median over epochs.
+    "Diverged" means a non-finite loss; a finished run whose final accuracy is
+    within one point of chance (1 / num_classes) reads "no, at chance".
 
     Args:
         runs: The runs, in row order.
@@ -142,8 +150,10 @@ def markdown_table(runs: Sequence[Run], thresholds: Sequence[float] = DEFAULT_TH
             row.append("never" if epoch is None else f"{epoch:g}")
         if run.status == "diverged":
             row.append(f"yes (step {run.diverged_step})")
+        elif run.status != "done":
+            row.append("unfinished")
         else:
-            row.append("no" if run.status == "done" else "unfinished")
+            row.append("no, at chance" if _at_chance(run, final) else "no")
         speeds = [r["images_per_sec"] for r in run.records]
         row.append(f"{statistics.median(speeds):.0f}" if speeds else "–")
         lines.append("| " + " | ".join(row) + " |")
@@ -238,8 +248,10 @@ def write_report(
         "",
         markdown_table(runs, thresholds),
         "Final: last epoch's test accuracy (finished runs only). Best: over recorded epochs. "
-        "Epochs to X%: first evaluated epoch at or above X%. images/s: median training "
-        "throughput over epochs.",
+        "Epochs to X%: first evaluated epoch at or above X%. Diverged: a non-finite loss "
+        "stopped the run; 'no, at chance': finite but final accuracy within 1 point of "
+        "chance. images/s: median training throughput over epochs (other jobs shared "
+        "the 2 CPU cores, so it is noisy).",
         "",
         f"![test accuracy]({ACCURACY_PLOT})",
         "",

@@ -147,6 +147,7 @@ def test_report_table_numbers_and_plots(tmp_path):
     _write_run(root, "nobn_lr0.1", False, 0.1, [0.4, 0.55, 0.61, 0.6], [90, 110, 100, 95], "done")
     _write_run(root, "bn_lr0.1", True, 0.1, [0.5, 0.62, 0.66, 0.64], [100, 300, 200, 400], "done")
     _write_run(root, "bn_lr0.4", True, 0.4, [0.3, 0.65], [10, 20], "unfinished")
+    _write_run(root, "bn_lr1", True, 1.0, [0.3, 0.1], [10, 30], "done")
     log = {"command": "python -m jbn.sweep --sweep=s.py --root=runs", "wall_time_s": 61.0}
     (root / sweep.SWEEP_LOG_FILE).write_text(json.dumps(log) + "\n")
     out = tmp_path / "docs"
@@ -157,6 +158,7 @@ def test_report_table_numbers_and_plots(tmp_path):
     assert rows == [
         "| bn_lr0.1 | yes | 0.1 | 64.00% | 66.00% | 2 | 3 | no | 250 |",
         "| bn_lr0.4 | yes | 0.4 | – | 65.00% | 2 | 2 | unfinished | 15 |",
+        "| bn_lr1 | yes | 1 | 10.00% | 30.00% | never | never | no, at chance | 20 |",
         "| nobn_lr0.1 | no | 0.1 | 60.00% | 61.00% | 3 | never | no | 98 |",
         "| nobn_lr1 | no | 1 | – | – | never | never | yes (step 7) | – |",
     ]
