@@ -165,8 +165,9 @@ def _plot(runs: Sequence[Run], key: str, ylabel: str, out: pathlib.Path, scale: 
     by_lr = len({(r.use_batch_norm, r.learning_rate) for r in runs}) == len(runs)
     keys = sorted({r.learning_rate for r in runs}) if by_lr else [r.name for r in runs]
     cmap = plt.get_cmap("viridis" if by_lr else "tab10")
-    colors = {k: cmap(i / max(len(keys) - 1, 1) if by_lr else i) for i, k in enumerate(keys)}
-    fig, ax = plt.subplots(figsize=(8, 5))
+    # Viridis up to 0.85: its last, pale yellow is hard to see on white.
+    colors = {k: cmap(0.85 * i / max(len(keys) - 1, 1) if by_lr else i) for i, k in enumerate(keys)}
+    fig, ax = plt.subplots(figsize=(10, 5))
     for run in runs:
         label = f"{'BN' if run.use_batch_norm else 'no BN'}, lr {run.learning_rate:g}"
         label = label if by_lr else f"{run.name} ({label})"
@@ -185,7 +186,7 @@ def _plot(runs: Sequence[Run], key: str, ylabel: str, out: pathlib.Path, scale: 
         )
     ax.set(xlabel="epoch", ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
