@@ -213,9 +213,6 @@ def run_sweep(
     return results
 
 
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (absl flags; see the module docstring)."""
     from absl import app, flags, logging
@@ -248,11 +245,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # As train.py: glibc serves the step's large buffers from the heap (README);
-    # the variables must be set before the process starts, so re-exec once.
-    if os.environ.get("JBN_NO_MALLOC_TUNING") is None and any(
-        k not in os.environ for k in _MALLOC_ENV
+    # As train.py (see jbn.malloc_tuning), but re-executed with -m so that the
+    # module runs as part of the package.
+    from jbn import malloc_tuning
+
+    env = os.environ
+    if env.get(malloc_tuning.OPT_OUT_ENV) is None and any(
+        k not in env for k in malloc_tuning.MALLOC_ENV
     ):
-        os.environ.update({k: os.environ.get(k, v) for k, v in _MALLOC_ENV.items()})
-        os.execv(sys.executable, [sys.executable, "-m", "jbn.sweep", *sys.argv[1:]])
+        argv = [sys.executable, "-m", "jbn.sweep", *sys.argv[1:]]
+        os.execve(sys.executable, argv, malloc_tuning.environment())
     main()
