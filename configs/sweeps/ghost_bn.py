@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
             variants[name] = {
                 "data.batch_size": batch,
                 "optim.learning_rate": lr,
+                "model.bn_stats": "global" if ghost is None else "ghost",
                 "model.virtual_batch_size": ghost,
             }
     sweep.variants = ml_collections.ConfigDict(variants, allow_dotted_keys=True)
