@@ -92,26 +92,37 @@ def _window_element_rows(x: jax.Array, window: int) -> list[list[jax.Array]]:
 
 
 def _max_pool_fwd(x: jax.Array, window: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    y = max_pool(x, window)
-    return y, (x, y)
+    """Returns the pooled output and, as residuals, it and the argmax of each window.
+
+    The argmax (int8, row-major position of the first maximum) is computed in
+    the same pass as the maximum, so the backward pass needs neither ``x`` nor
+    a comparison against it.
+    """
+    elements = sum(_window_element_rows(x, window), [])
+    y = functools.reduce(jnp.maximum, elements)
+    index_dtype = jnp.int8 if len(elements) <= 127 else jnp.int32
+    best, argmax = elements[0], jnp.zeros(y.shape, index_dtype)
+    for position, element in enumerate(elements[1:], start=1):
+        better = element > best  # Strict: the first maximum wins ties.
+        best = jnp.where(better, element, best)
+        argmax = jnp.where(better, jnp.asarray(position, index_dtype), argmax)
+    return y, (y, argmax)
 
 
 def _max_pool_bwd(
     window: int, residuals: tuple[jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array]:
-    x, y = residuals
+    y, argmax = residuals
+    g = jnp.where(jnp.isnan(y), jnp.zeros((), g.dtype), g)  # A NaN window passes nothing.
     zero = jnp.zeros((), g.dtype)
-    taken = jnp.zeros(y.shape, bool)
-    rows = []
-    for element_row in _window_element_rows(x, window):  # Row-major: the first maximum wins.
-        grads = []
-        for element in element_row:
-            chosen = (element == y) & ~taken
-            taken = taken | chosen
-            grads.append(jnp.where(chosen, g, zero))
-        rows.append(jnp.stack(grads, axis=-2))  # (..., H/k, W/k, k, C)
+    rows = [
+        jnp.stack(
+            [jnp.where(argmax == i * window + j, g, zero) for j in range(window)], axis=-2
+        )  # (..., H/k, W/k, k, C)
+        for i in range(window)
+    ]
     # (..., H/k, k, W/k, k, C) is (..., H, W, C) in memory: the reshape is free.
-    return (jnp.stack(rows, axis=-4).reshape(x.shape),)
+    return (jnp.stack(rows, axis=-4).reshape(*y.shape[:-3], -1, y.shape[-2] * window, y.shape[-1]),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
