@@ -114,15 +114,15 @@ def _max_pool_bwd(
 ) -> tuple[jax.Array]:
     y, argmax = residuals
     g = jnp.where(jnp.isnan(y), jnp.zeros((), g.dtype), g)  # A NaN window passes nothing.
-    zero = jnp.zeros((), g.dtype)
-    rows = [
-        jnp.stack(
-            [jnp.where(argmax == i * window + j, g, zero) for j in range(window)], axis=-2
-        )  # (..., H/k, W/k, k, C)
-        for i in range(window)
-    ]
-    # (..., H/k, k, W/k, k, C) is (..., H, W, C) in memory: the reshape is free.
-    return (jnp.stack(rows, axis=-4).reshape(*y.shape[:-3], -1, y.shape[-2] * window, y.shape[-1]),)
+    # One elementwise pass over (..., H/k, k, W/k, k, C), which is (..., H, W, C)
+    # in memory: each element takes its window's cotangent if it is the argmax.
+    rows = jnp.arange(window, dtype=argmax.dtype).reshape(window, 1, 1, 1)
+    cols = jnp.arange(window, dtype=argmax.dtype).reshape(window, 1)
+    position = rows * window + cols  # (k, 1, k, 1), broadcasts against the window axes.
+    expand = (-2, -4)  # (..., H/k, W/k, C) -> (..., H/k, 1, W/k, 1, C)
+    chosen = jnp.expand_dims(argmax, expand) == position
+    dx = jnp.where(chosen, jnp.expand_dims(g, expand), jnp.zeros((), g.dtype))
+    return (dx.reshape(*y.shape[:-3], -1, y.shape[-2] * window, y.shape[-1]),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
