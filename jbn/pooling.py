@@ -99,7 +99,11 @@ def _max_pool_fwd(x: jax.Array, window: int) -> tuple[jax.Array, tuple[jax.Array
     a comparison against it.
     """
     elements = sum(_window_element_rows(x, window), [])
-    y = functools.reduce(jnp.maximum, elements)
+    # In training the output comes from reduce_window (same values): XLA:CPU
+    # materialises it instead of recomputing the layers below inside the
+    # transposes of the next convolution's weight gradient (~10% of the step).
+    dims = (1,) * (x.ndim - 3) + (window, window, 1)
+    y = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
     index_dtype = jnp.int8 if len(elements) <= 127 else jnp.int32
     best, argmax = elements[0], jnp.zeros(y.shape, index_dtype)
     for position, element in enumerate(elements[1:], start=1):
