@@ -195,9 +195,11 @@ def _plot(runs: Sequence[Run], key: str, ylabel: str, out: pathlib.Path, scale: 
 def _setup(runs: Sequence[Run]) -> str:
     config = runs[0].config
     optim, data = config["optim"], config["data"]
+    sizes = {_batch_size(r) for r in runs}
+    batch = f"batch {data['batch_size']}" if len(sizes) == 1 else "batch as in the table"
     return (
-        f"Every run: seed {config['seed']}, {config['num_epochs']} epochs, batch "
-        f"{data['batch_size']}, augmentation {data['augment']}, {optim['name']} "
+        f"Every run: seed {config['seed']}, {config['num_epochs']} epochs, {batch}, "
+        f"augmentation {data['augment']}, {optim['name']} "
         f"(momentum {optim['momentum']}, nesterov {optim['nesterov']}, weight decay "
         f"{optim['weight_decay']}), {optim['schedule']} schedule peaking at the run's lr."
     )
@@ -262,7 +264,9 @@ def write_report(
         "",
     ]
     if log:
-        lines += [f"Sweep wall time: {wall:.0f} s over {len(log)} invocation(s).", ""]
+        failed = sum("error" in entry for entry in log)
+        note = f", {failed} stopped by an error" if failed else ""
+        lines += [f"Sweep wall time: {wall:.0f} s over {len(log)} invocation(s){note}.", ""]
     lines += ["```bash", *commands, "```", ""]
     path = out / REPORT_FILE
     path.write_text("\n".join(lines))

@@ -17,9 +17,9 @@ Each variant trains with `jbn.train_lib.train_and_evaluate` in ``root/<name>``.
 A finished variant has ``root/<name>/status.json`` with ``status`` ``"done"``
 or ``"diverged"`` and is skipped on a re-run; an interrupted one resumes from
 its checkpoints. A non-finite loss (`FloatingPointError`) is recorded as
-``"diverged"`` with its step and the sweep goes on. Every invocation appends
-its command line and wall time to ``root/sweep_log.jsonl`` (read by
-`jbn.report`).
+``"diverged"`` with its step and the sweep goes on; any other error stops the
+sweep. Every invocation, stopped or not, appends its command line and wall
+time to ``root/sweep_log.jsonl`` (read by `jbn.report`).
 """
 
 from __future__ import annotations
@@ -229,16 +229,21 @@ def main(argv: list[str] | None = None) -> None:
         root = pathlib.Path(flags.FLAGS.root)
         root.mkdir(parents=True, exist_ok=True)
         start = time.time()
-        results = run_sweep(flags.FLAGS.sweep, root, flags.FLAGS.only)
-        entry = {
+        entry: dict[str, Any] = {
             "command": "python -m jbn.sweep " + shlex.join(sys.argv[1:]),
             "start": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
-            "wall_time_s": round(time.time() - start, 1),
-            "trained": [n for n, r in results.items() if not r["skipped"]],
-            "skipped": [n for n, r in results.items() if r["skipped"]],
         }
-        with open(root / SWEEP_LOG_FILE, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        try:
+            results = run_sweep(flags.FLAGS.sweep, root, flags.FLAGS.only)
+            entry["trained"] = [n for n, r in results.items() if not r["skipped"]]
+            entry["skipped"] = [n for n, r in results.items() if r["skipped"]]
+        except BaseException as error:  # Logged (wall time counts), then re-raised.
+            entry["error"] = repr(error)
+            raise
+        finally:
+            entry["wall_time_s"] = round(time.time() - start, 1)
+            with open(root / SWEEP_LOG_FILE, "a") as f:
+                f.write(json.dumps(entry) + "\n")
         print(f"[sweep] {len(results)} variants, wall {entry['wall_time_s']:.0f}s", flush=True)
 
     app.run(run, argv=argv)

@@ -126,6 +126,13 @@ def test_cli_skips_finished_variant_and_logs_command(tmp_path):
     assert entry["skipped"] == ["bn_lr0.1"] and entry["trained"] == []
     assert entry["command"].startswith("python -m jbn.sweep --sweep=")
 
+    # An invocation stopped by an error is logged too (its wall time counts).
+    cmd[-2] = "--only=no_such_variant"
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Unknown variants" in result.stderr
+    entries = [json.loads(line) for line in (tmp_path / sweep.SWEEP_LOG_FILE).open()]
+    assert len(entries) == 2 and "Unknown variants" in entries[1]["error"]
+
 
 def _write_run(root, name, use_bn, lr, accs, speeds, status, step=None, **overrides):
     workdir = root / name
@@ -149,7 +156,8 @@ def test_report_table_numbers_and_plots(tmp_path):
     _write_run(root, "bn_lr0.4", True, 0.4, [0.3, 0.65], [10, 20], "unfinished")
     _write_run(root, "bn_lr1", True, 1.0, [0.3, 0.1], [10, 30], "done")
     log = {"command": "python -m jbn.sweep --sweep=s.py --root=runs", "wall_time_s": 61.0}
-    (root / sweep.SWEEP_LOG_FILE).write_text(json.dumps(log) + "\n")
+    failed = {**log, "wall_time_s": 2.0, "error": "KeyError()"}
+    (root / sweep.SWEEP_LOG_FILE).write_text(json.dumps(log) + "\n" + json.dumps(failed) + "\n")
     out = tmp_path / "docs"
     report.main([str(root), "--out", str(out)])
 
@@ -163,7 +171,7 @@ def test_report_table_numbers_and_plots(tmp_path):
         "| nobn_lr1 | no | 1 | – | – | never | never | yes (step 7) | – |",
     ]
     assert "Every run: seed 0, 4 epochs, batch 128" in text
-    assert "Sweep wall time: 61 s over 1 invocation(s)." in text
+    assert "Sweep wall time: 63 s over 2 invocation(s), 1 stopped by an error." in text
     assert log["command"] in text
     assert f"python -m jbn.report {root} --out {out}" in text
     for name in (report.ACCURACY_PLOT, report.LOSS_PLOT):
