@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jbn import malloc_tuning
+from jbn import cpu_tuning
 
-# Must run before JAX is imported: the allocator reads these at process start.
-malloc_tuning.reexec_with_malloc_tuning()
+# Must run before JAX is imported: the allocator and XLA read these at process start.
+cpu_tuning.reexec_tuned()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

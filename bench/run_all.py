@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from jbn import malloc_tuning
+from jbn import cpu_tuning
 
 SCRIPTS = [
     ("bench.bench_train_step", ["--rounds", "5"], ["--rounds", "3"]),
@@ -63,7 +63,9 @@ def header(env: dict[str, str]) -> str:
             f"- machine: {_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}",
             f"- python {platform.python_version()}; {versions}",
             f"- load average when started: {load:.2f} (the machine is shared: compare ratios, not absolute times)",
-            f"- MALLOC_MMAP_THRESHOLD_={env.get('MALLOC_MMAP_THRESHOLD_', 'unset')} (all scripts; as train.py sets it)",
+            f"- environment of every script (as train.py sets it, see jbn/cpu_tuning.py): "
+            f"MALLOC_MMAP_THRESHOLD_={env.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, "
+            f"XLA_FLAGS={env.get('XLA_FLAGS', '')!r}",
             "",
         ]
     )
@@ -74,8 +76,8 @@ def main() -> None:
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     args = parser.parse_args()
-    # The same allocator settings as train.py, for every competitor alike.
-    env = malloc_tuning.environment()
+    # The same process settings as train.py, for every competitor alike.
+    env = cpu_tuning.environment()
     sections = [header(env)]
     for module, full_args, quick_args in SCRIPTS:
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """jbn: Batch Normalization for JAX.
 
-The public names are loaded lazily (PEP 562), so ``import jbn.malloc_tuning``
+The public names are loaded lazily (PEP 562), so ``import jbn.cpu_tuning``
 and other light submodules do not pull in JAX and Flax.
 """
 

@@ -250,14 +250,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # As train.py (see jbn.malloc_tuning), but re-executed with -m so that the
+    # As train.py (see jbn.cpu_tuning), but re-executed with -m so that the
     # module runs as part of the package.
-    from jbn import malloc_tuning
+    from jbn import cpu_tuning
 
-    env = os.environ
-    if env.get(malloc_tuning.OPT_OUT_ENV) is None and any(
-        k not in env for k in malloc_tuning.MALLOC_ENV
-    ):
-        argv = [sys.executable, "-m", "jbn.sweep", *sys.argv[1:]]
-        os.execve(sys.executable, argv, malloc_tuning.environment())
+    cpu_tuning.reexec_tuned([sys.executable, "-m", "jbn.sweep", *sys.argv[1:]])
     main()
