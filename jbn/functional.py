@@ -1,4 +1,4 @@
-"""Pure functional BatchNorm: moments, normalization, running statistics.
+"""Pure functional BatchNorm: normalization with batch or running statistics.
 
 Everything here is a pure function of arrays and returns new arrays; nothing
 is mutated. The training-mode normalization has a closed-form derivative
@@ -21,15 +21,16 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import validation
+from jbn import running_stats, statistics, validation
+from jbn.running_stats import init_batch_stats, update_running_stats
+from jbn.statistics import Moments, moments
 
 Array = jax.Array
 Axes = int | Sequence[int]
@@ -38,25 +39,15 @@ Params = Mapping[str, Array]  # {"scale": (C,), "bias": (C,)}
 BatchStats = Mapping[str, Array]  # {"mean": (C,), "var": (C,)}, optional "count": ()
 Shape = int | Sequence[int]
 
-
-class Moments(NamedTuple):
-    """Per-feature batch statistics.
-
-    Attributes:
-      mean: Batch mean, float32 (or wider), shaped like the features.
-      var: Biased batch variance, ``mean((x - mean) ** 2)``, never negative.
-      count: Number of elements that entered each statistic (float).
-    """
-
-    mean: Array
-    var: Array
-    count: Array
-
-
-def _feature_shape(num_features: Shape) -> tuple[int, ...]:
-    if isinstance(num_features, int):
-        return (num_features,)
-    return tuple(int(n) for n in num_features)
+__all__ = [
+    "Moments",
+    "batch_norm",
+    "init_batch_stats",
+    "init_params",
+    "moments",
+    "normalize",
+    "update_running_stats",
+]
 
 
 def init_params(num_features: Shape, dtype: Any = jnp.float32) -> dict[str, Array]:
@@ -67,115 +58,8 @@ def init_params(num_features: Shape, dtype: Any = jnp.float32) -> dict[str, Arra
         axes are features.
       dtype: Parameter dtype.
     """
-    shape = _feature_shape(num_features)
+    shape = running_stats.feature_shape(num_features)
     return {"scale": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}
-
-
-def init_batch_stats(
-    num_features: Shape, dtype: Any = jnp.float32, *, with_count: bool = False
-) -> dict[str, Array]:
-    """Returns running statistics: ``mean`` zeros and ``var`` ones.
-
-    Args:
-      num_features: Number of features ``C``, or the feature shape.
-      dtype: Statistics dtype (float32 by default, whatever the input dtype).
-      with_count: Also track ``count``, the number of training steps seen (an
-        int32 scalar, PyTorch's ``num_batches_tracked``). Required for the
-        cumulative average, ``momentum=None``.
-    """
-    shape = _feature_shape(num_features)
-    stats = {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
-    if with_count:
-        stats["count"] = jnp.zeros((), jnp.int32)
-    return stats
-
-
-def _stats_dtype(dtype: Any) -> Any:
-    """Statistics are accumulated in float32 or wider."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _sum_of_products(a: Array, b: Array, reduction_axes: tuple[int, ...]) -> Array:
-    """``sum(a * b)`` over ``reduction_axes`` with ``keepdims``, as one ``dot_general``."""
-    kept = tuple(ax for ax in range(a.ndim) if ax not in reduction_axes)
-    out = lax.dot_general(
-        a, b, ((reduction_axes, reduction_axes), (kept, kept)), precision=lax.Precision.HIGHEST
-    )
-    shape = tuple(1 if ax in reduction_axes else a.shape[ax] for ax in range(a.ndim))
-    return out.reshape(shape)
-
-
-def _local_moments(
-    x: Array, mask: Array | None, reduction_axes: tuple[int, ...]
-) -> tuple[Array, Array, Array]:
-    """Count, mean and sum of squared deviations over this device's data.
-
-    Two passes over ``x`` (the mean, then the squared deviations from it), so
-    the variance stays accurate when ``|mean| >> std``, unlike
-    ``E[x^2] - E[x]^2``. On XLA:CPU each pass is one fused reduction.
-
-    Returns:
-      ``(count, mean, m2)`` with ``keepdims`` shapes.
-    """
-    if mask is None:
-        count = math.prod(x.shape[ax] for ax in reduction_axes)
-        mean = jnp.sum(x, reduction_axes, keepdims=True) / count
-        m2 = jnp.sum(jnp.square(x - mean), reduction_axes, keepdims=True)
-        return jnp.full(mean.shape, count, x.dtype), mean, m2
-    count = jnp.sum(mask, reduction_axes, dtype=x.dtype, keepdims=True)
-    mean = jnp.sum(jnp.where(mask, x, 0), reduction_axes, keepdims=True) / jnp.maximum(count, 1)
-    m2 = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0), reduction_axes, keepdims=True)
-    return count, mean, m2
-
-
-def _gathered_type(x: Array, axis_name: AxisName) -> str:
-    """'invarying' inside ``shard_map`` (so results may be replicated outputs)."""
-    names = set(axis_name) if isinstance(axis_name, (tuple, list)) else {axis_name}
-    aval = jax.typeof(x)
-    manual = getattr(aval, "mat", None)  # jax >= 0.9; older releases call it `vma`
-    varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
-    return "invarying" if names <= set(varying) else "varying"
-
-
-def _merge_across_devices(
-    count: Array,
-    mean: Array,
-    m2: Array,
-    axis_name: AxisName,
-    axis_index_groups: Any,
-) -> tuple[Array, Array, Array]:
-    """Count-weighted merge (Chan et al.) of per-device moments, one all_gather."""
-    local = jnp.stack([count, mean, m2])
-    gathered = lax.all_gather(
-        local, axis_name, axis_index_groups=axis_index_groups, to=_gathered_type(local, axis_name)
-    )
-    if isinstance(axis_name, (tuple, list)):
-        # all_gather over several axes adds one leading axis per name.
-        gathered = gathered.reshape((-1, *gathered.shape[-(count.ndim + 1) :]))
-    counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
-    total = jnp.sum(counts, 0)
-    mean_all = jnp.sum(counts * means, 0) / jnp.maximum(total, 1)
-    m2_all = jnp.sum(m2s + counts * jnp.square(means - mean_all), 0)
-    return total, mean_all, m2_all
-
-
-def _keepdims_moments(
-    x: Array,
-    mask: Array | None,
-    reduction_axes: tuple[int, ...],
-    axis_name: AxisName,
-    axis_index_groups: Any,
-) -> Moments:
-    count, mean, m2 = _local_moments(x, mask, reduction_axes)
-    if axis_name is not None:
-        count, mean, m2 = _merge_across_devices(count, mean, m2, axis_name, axis_index_groups)
-    return Moments(mean, m2 / jnp.maximum(count, 1), count)
-
-
-def _reduce_across_devices(sums: Array, axis_name: AxisName, axis_index_groups: Any) -> Array:
-    if axis_name is None:
-        return sums
-    return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
 
 
 def _centred_moments(
@@ -187,8 +71,8 @@ def _centred_moments(
     axis_index_groups: Any,
 ) -> tuple[Array, Moments, Array]:
     """Returns ``x - mean`` (float32 or wider), the moments, and ``rsqrt(var + eps)``."""
-    xf = x.astype(_stats_dtype(x.dtype))
-    moments_ = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
+    xf = x.astype(statistics.stats_dtype(x.dtype))
+    moments_ = statistics.keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
     return xf - moments_.mean, moments_, lax.rsqrt(moments_.var + epsilon)
 
 
@@ -254,10 +138,12 @@ def _normalize_with_batch_stats_jvp(
     sums = jnp.stack(
         [
             jnp.sum(weighted, reduction_axes, keepdims=True),
-            _sum_of_products(weighted, centred, reduction_axes),
+            statistics.sum_of_products(weighted, centred, reduction_axes),
         ]
     )
-    sums = _reduce_across_devices(sums, axis_name, axis_index_groups) / jnp.maximum(count, 1)
+    sums = statistics.reduce_across_devices(sums, axis_name, axis_index_groups) / jnp.maximum(
+        count, 1
+    )
     mean_dx, mean_centred_dx = sums[0], sums[1]
     centred_coef = -multiplier * jnp.square(rstd) * mean_centred_dx
     if scale is not None:
@@ -282,40 +168,6 @@ def canonical_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
 
 def _keepdims_shape(x_shape: Sequence[int], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(n if ax in feature_axes else 1 for ax, n in enumerate(x_shape))
-
-
-def moments(
-    x: Array,
-    *,
-    axis: Axes = -1,
-    mask: Array | None = None,
-    axis_name: AxisName = None,
-    axis_index_groups: Any = None,
-) -> Moments:
-    """Per-feature mean and biased variance over all non-feature axes.
-
-    Accumulates in float32 (or wider), in one pass, and stays accurate when
-    ``|mean| >> std``. With ``axis_name``, per-device moments are merged
-    count-weighted with a single ``all_gather``.
-
-    Args:
-      x: Input array.
-      axis: Feature axis or axes (kept); every other axis is reduced.
-      mask: Optional boolean array broadcastable to ``x``: the elements to count.
-      axis_name: Mapped axis name(s) to reduce over (``shard_map``, ``vmap``).
-      axis_index_groups: Optional groups of indices within ``axis_name``.
-
-    Returns:
-      ``Moments(mean, var, count)`` shaped like the features.
-    """
-    x = jnp.asarray(x)
-    feature_axes = validation.canonical_axes(x.ndim, axis)
-    reduction_axes = tuple(ax for ax in range(x.ndim) if ax not in feature_axes)
-    mask = validation.check_mask(mask, x.shape)
-    xf = x.astype(_stats_dtype(x.dtype))
-    result = _keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
-    feature_shape = tuple(x.shape[ax] for ax in feature_axes)
-    return Moments(*(s.reshape(feature_shape) for s in result))
 
 
 def normalize(
@@ -343,7 +195,7 @@ def normalize(
     feature_axes = validation.canonical_axes(x.ndim, axis)
     shape = _keepdims_shape(x.shape, feature_axes)
     scale, bias = _params_keepdims(params, shape)
-    stats_dtype = _stats_dtype(x.dtype)
+    stats_dtype = statistics.stats_dtype(x.dtype)
     mean = jnp.reshape(mean, shape).astype(stats_dtype)
     var = jnp.reshape(var, shape).astype(stats_dtype)
     multiplier = lax.rsqrt(var + epsilon)
@@ -365,53 +217,6 @@ def _params_keepdims(
         None if scale is None else jnp.reshape(scale, shape),
         None if bias is None else jnp.reshape(bias, shape),
     )
-
-
-def update_running_stats(
-    stats: BatchStats,
-    batch: Moments,
-    *,
-    momentum: float | None = 0.99,
-    unbiased_running_var: bool = False,
-) -> dict[str, Array]:
-    """Returns running statistics updated with this batch's moments.
-
-    ``new = momentum * old + (1 - momentum) * batch`` (Flax's decay convention;
-    PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here). ``momentum=None`` is
-    the cumulative average of all batches seen, which needs ``stats["count"]``.
-    A feature whose batch had no valid element keeps its old value, and so does
-    the variance of a feature with one valid element when it must be unbiased.
-
-    Args:
-      stats: ``{"mean", "var"}`` and optionally ``"count"`` (steps seen, int).
-      batch: Moments of the current batch.
-      momentum: Decay of the old value, in ``[0, 1]``, or ``None``.
-      unbiased_running_var: Store ``n / (n - 1) * var`` like PyTorch.
-    """
-    if "count" in stats:
-        steps = stats["count"] + 1
-    elif momentum is None:
-        raise ValueError(
-            'momentum=None (cumulative average) needs stats["count"]; '
-            "create them with init_batch_stats(..., with_count=True)."
-        )
-    new_mean_dtype, new_var_dtype = stats["mean"].dtype, stats["var"].dtype
-    if momentum is None:
-        decay = 1.0 - 1.0 / steps.astype(jnp.float32)
-    else:
-        decay = momentum
-    mean, var, count = (lax.stop_gradient(s) for s in batch)
-    if unbiased_running_var:
-        var = var * count / jnp.maximum(count - 1, 1)
-    new_mean = decay * stats["mean"] + (1 - decay) * mean
-    new_var = decay * stats["var"] + (1 - decay) * var
-    new_stats = dict(stats)
-    new_stats["mean"] = jnp.where(count > 0, new_mean, stats["mean"]).astype(new_mean_dtype)
-    min_count = 1 if unbiased_running_var else 0
-    new_stats["var"] = jnp.where(count > min_count, new_var, stats["var"]).astype(new_var_dtype)
-    if "count" in stats:
-        new_stats["count"] = steps.astype(stats["count"].dtype)
-    return new_stats
 
 
 def batch_norm(
@@ -507,7 +312,7 @@ def batch_norm(
         batch = Moments(*(s.reshape(feature_shape) for s in (mean, var, count)))
     else:
         y = y.reshape((-1, *y.shape[2:]))
-        batch = _average_ghost_moments(Moments(mean, var, count), feature_shape)
+        batch = statistics.average_ghost_moments(Moments(mean, var, count), feature_shape)
     new_stats = update_running_stats(
         stats, batch, momentum=momentum, unbiased_running_var=unbiased_running_var
     )
@@ -528,14 +333,6 @@ def _split_into_ghost_batches(
     shape = (x.shape[0] // virtual_batch_size, virtual_batch_size, *x.shape[1:])
     mask = None if mask is None else mask.reshape(shape)
     return x.reshape(shape), mask, tuple(ax + 1 for ax in feature_axes)
-
-
-def _average_ghost_moments(groups: Moments, feature_shape: tuple[int, ...]) -> Moments:
-    """Count-weighted average over axis 0 of per-group moments."""
-    mean, var, count = (s.reshape((-1, *feature_shape)) for s in groups)
-    total = jnp.sum(count, 0)
-    weights = count / jnp.maximum(total, 1)
-    return Moments(jnp.sum(weights * mean, 0), jnp.sum(weights * var, 0), total / count.shape[0])
 
 
 def _hashable(value: Any) -> Any:

@@ -1,0 +1,170 @@
+"""Batch statistics: per-feature moments, on one device or merged across devices.
+
+Moments accumulate in float32 or wider whatever the input dtype, and use two
+passes (the mean, then the squared deviations from it), so the variance stays
+accurate when ``|mean| >> std``. Across mapped devices (``axis_name``) the
+per-device moments are merged count-weighted (Chan et al.) after a single
+``all_gather``, which makes masks with unequal valid counts per device exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jbn import validation
+
+Array = jax.Array
+Axes = int | Sequence[int]
+AxisName = Any  # str, or a tuple of str (several mapped axes)
+
+
+class Moments(NamedTuple):
+    """Per-feature batch statistics.
+
+    Attributes:
+      mean: Batch mean, float32 (or wider), shaped like the features.
+      var: Biased batch variance, ``mean((x - mean) ** 2)``, never negative.
+      count: Number of elements that entered each statistic (float).
+    """
+
+    mean: Array
+    var: Array
+    count: Array
+
+
+def stats_dtype(dtype: Any) -> Any:
+    """Statistics are accumulated in float32 or wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def sum_of_products(a: Array, b: Array, reduction_axes: tuple[int, ...]) -> Array:
+    """``sum(a * b)`` over ``reduction_axes`` with ``keepdims``, as one ``dot_general``."""
+    kept = tuple(ax for ax in range(a.ndim) if ax not in reduction_axes)
+    out = lax.dot_general(
+        a, b, ((reduction_axes, reduction_axes), (kept, kept)), precision=lax.Precision.HIGHEST
+    )
+    shape = tuple(1 if ax in reduction_axes else a.shape[ax] for ax in range(a.ndim))
+    return out.reshape(shape)
+
+
+def _local_moments(
+    x: Array, mask: Array | None, reduction_axes: tuple[int, ...]
+) -> tuple[Array, Array, Array]:
+    """Count, mean and sum of squared deviations over this device's data.
+
+    Two passes over ``x`` (the mean, then the squared deviations from it), so
+    the variance stays accurate when ``|mean| >> std``, unlike
+    ``E[x^2] - E[x]^2``. On XLA:CPU each pass is one fused reduction.
+
+    Returns:
+      ``(count, mean, m2)`` with ``keepdims`` shapes.
+    """
+    if mask is None:
+        count = math.prod(x.shape[ax] for ax in reduction_axes)
+        mean = jnp.sum(x, reduction_axes, keepdims=True) / count
+        m2 = jnp.sum(jnp.square(x - mean), reduction_axes, keepdims=True)
+        return jnp.full(mean.shape, count, x.dtype), mean, m2
+    count = jnp.sum(mask, reduction_axes, dtype=x.dtype, keepdims=True)
+    mean = jnp.sum(jnp.where(mask, x, 0), reduction_axes, keepdims=True) / jnp.maximum(count, 1)
+    m2 = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0), reduction_axes, keepdims=True)
+    return count, mean, m2
+
+
+def _gathered_type(x: Array, axis_name: AxisName) -> str:
+    """'invarying' inside ``shard_map`` (so results may be replicated outputs)."""
+    names = set(axis_name) if isinstance(axis_name, (tuple, list)) else {axis_name}
+    aval = jax.typeof(x)
+    manual = getattr(aval, "mat", None)  # jax >= 0.9; older releases call it `vma`
+    varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+    return "invarying" if names <= set(varying) else "varying"
+
+
+def _merge_across_devices(
+    count: Array,
+    mean: Array,
+    m2: Array,
+    axis_name: AxisName,
+    axis_index_groups: Any,
+) -> tuple[Array, Array, Array]:
+    """Count-weighted merge (Chan et al.) of per-device moments, one all_gather."""
+    local = jnp.stack([count, mean, m2])
+    gathered = lax.all_gather(
+        local, axis_name, axis_index_groups=axis_index_groups, to=_gathered_type(local, axis_name)
+    )
+    if isinstance(axis_name, (tuple, list)):
+        # all_gather over several axes adds one leading axis per name.
+        gathered = gathered.reshape((-1, *gathered.shape[-(count.ndim + 1) :]))
+    counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    total = jnp.sum(counts, 0)
+    mean_all = jnp.sum(counts * means, 0) / jnp.maximum(total, 1)
+    m2_all = jnp.sum(m2s + counts * jnp.square(means - mean_all), 0)
+    return total, mean_all, m2_all
+
+
+def keepdims_moments(
+    x: Array,
+    mask: Array | None,
+    reduction_axes: tuple[int, ...],
+    axis_name: AxisName,
+    axis_index_groups: Any,
+) -> Moments:
+    """Moments with the reduced axes kept (size 1), merged across ``axis_name``."""
+    count, mean, m2 = _local_moments(x, mask, reduction_axes)
+    if axis_name is not None:
+        count, mean, m2 = _merge_across_devices(count, mean, m2, axis_name, axis_index_groups)
+    return Moments(mean, m2 / jnp.maximum(count, 1), count)
+
+
+def reduce_across_devices(sums: Array, axis_name: AxisName, axis_index_groups: Any) -> Array:
+    """``psum`` over ``axis_name`` (identity when it is None)."""
+    if axis_name is None:
+        return sums
+    return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+
+
+def moments(
+    x: Array,
+    *,
+    axis: Axes = -1,
+    mask: Array | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+) -> Moments:
+    """Per-feature mean and biased variance over all non-feature axes.
+
+    Accumulates in float32 (or wider), in two passes (the mean, then the
+    squared deviations), so it stays accurate when ``|mean| >> std``. With ``axis_name``, per-device moments are merged
+    count-weighted with a single ``all_gather``.
+
+    Args:
+      x: Input array.
+      axis: Feature axis or axes (kept); every other axis is reduced.
+      mask: Optional boolean array broadcastable to ``x``: the elements to count.
+      axis_name: Mapped axis name(s) to reduce over (``shard_map``, ``vmap``).
+      axis_index_groups: Optional groups of indices within ``axis_name``.
+
+    Returns:
+      ``Moments(mean, var, count)`` shaped like the features.
+    """
+    x = jnp.asarray(x)
+    feature_axes = validation.canonical_axes(x.ndim, axis)
+    reduction_axes = tuple(ax for ax in range(x.ndim) if ax not in feature_axes)
+    mask = validation.check_mask(mask, x.shape)
+    xf = x.astype(stats_dtype(x.dtype))
+    result = keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
+    feature_shape = tuple(x.shape[ax] for ax in feature_axes)
+    return Moments(*(s.reshape(feature_shape) for s in result))
+
+
+def average_ghost_moments(groups: Moments, feature_shape: tuple[int, ...]) -> Moments:
+    """Count-weighted average over axis 0 of per-group moments."""
+    mean, var, count = (s.reshape((-1, *feature_shape)) for s in groups)
+    total = jnp.sum(count, 0)
+    weights = count / jnp.maximum(total, 1)
+    return Moments(jnp.sum(weights * mean, 0), jnp.sum(weights * var, 0), total / count.shape[0])
