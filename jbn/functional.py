@@ -157,15 +157,6 @@ def _normalize_with_batch_stats_jvp(
     return primal_out, tangent_out
 
 
-def canonical_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
-    """Returns ``axis`` as a sorted tuple of non-negative ints.
-
-    Raises:
-      ValueError: If an axis is out of range or repeated.
-    """
-    return validation.canonical_axes(ndim, axis)
-
-
 def _keepdims_shape(x_shape: Sequence[int], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(n if ax in feature_axes else 1 for ax, n in enumerate(x_shape))
 

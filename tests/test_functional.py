@@ -55,7 +55,7 @@ SHAPES_AND_AXES = [
 def test_training_matches_float64_reference(shape, axis):
     rng = np.random.default_rng(0)
     x = rng.normal(2.0, 3.0, shape).astype(np.float32)
-    feature_axes = jbn.functional.canonical_axes(len(shape), axis)
+    feature_axes = jbn.validation.canonical_axes(len(shape), axis)
     fshape = tuple(shape[a] for a in feature_axes)
     params = {
         "scale": rng.normal(size=fshape).astype(np.float32),
