@@ -151,10 +151,27 @@ def _normalize_with_batch_stats_jvp(
     constant = -multiplier * mean_dx
     if bias is not None:
         constant = constant + dbias.astype(centred.dtype)
-    dy = dxf * multiplier + centred * centred_coef + constant
+    dy = dxf * multiplier + _scaled_deviation(x, mean, centred_coef, reduction_axes) + constant
     primal_out = (y.astype(out_dtype), mean, var, count)
     tangent_out = (dy.astype(out_dtype), mean_dx, 2 * mean_centred_dx, jnp.zeros_like(count))
     return primal_out, tangent_out
+
+
+def _scaled_deviation(x: Array, mean: Array, coef: Array, reduction_axes: tuple[int, ...]) -> Array:
+    """``(x - mean) * coef`` (float32 or wider), with its own HLO for the backward reduction.
+
+    Reverse mode turns this term into ``sum(g * (x - mean))``; written as
+    ``rows + (-mean)`` on `statistics.leading_axes_view` it is distinct from
+    every other ``x - mean``, so XLA:CPU fuses it into that reduction instead
+    of materialising a centred copy of ``x``.
+    """
+    xf = x.astype(statistics.stats_dtype(x.dtype))
+    rows = statistics.leading_axes_view(xf, reduction_axes)
+    if rows is None:
+        return (xf - mean) * coef
+    features = rows.shape[1:]
+    scaled = (rows + (-mean.reshape(features))) * coef.reshape(features)
+    return scaled.reshape(x.shape)
 
 
 def _keepdims_shape(x_shape: Sequence[int], feature_axes: tuple[int, ...]) -> tuple[int, ...]:

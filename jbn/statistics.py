@@ -53,6 +53,29 @@ def sum_of_products(a: Array, b: Array, reduction_axes: tuple[int, ...]) -> Arra
     return out.reshape(shape)
 
 
+def leading_axes_view(x: Array, reduction_axes: tuple[int, ...]) -> Array | None:
+    """``x`` as ``(rows, *features)`` when the reduced axes lead (NHWC), else None.
+
+    The view is a free reshape. Writing an ``x - mean`` that feeds a reduction
+    on this view, instead of on ``x``, gives it its own HLO: XLA's CSE then
+    cannot merge it with the ``x - mean`` of other consumers, and XLA:CPU fuses
+    a subtraction into a reduction only when the reduction is its sole user
+    (otherwise ``x - mean`` is written to memory and read back, one extra pass).
+    """
+    if reduction_axes != tuple(range(len(reduction_axes))):
+        return None
+    return x.reshape((-1, *x.shape[len(reduction_axes) :]))
+
+
+def _sum_of_squared_deviations(x: Array, mean: Array, reduction_axes: tuple[int, ...]) -> Array:
+    """``sum((x - mean) ** 2)`` over ``reduction_axes`` (keepdims), fused with its subtraction."""
+    rows = leading_axes_view(x, reduction_axes)
+    if rows is None:
+        return jnp.sum(jnp.square(x - mean), reduction_axes, keepdims=True)
+    deviations = rows - mean.reshape(rows.shape[1:])
+    return jnp.sum(jnp.square(deviations), 0).reshape(mean.shape)
+
+
 def _local_moments(
     x: Array, mask: Array | None, reduction_axes: tuple[int, ...]
 ) -> tuple[Array, Array, Array]:
@@ -60,7 +83,8 @@ def _local_moments(
 
     Two passes over ``x`` (the mean, then the squared deviations from it), so
     the variance stays accurate when ``|mean| >> std``, unlike
-    ``E[x^2] - E[x]^2``. On XLA:CPU each pass is one fused reduction.
+    ``E[x^2] - E[x]^2``. On XLA:CPU each pass is one fused reduction that
+    reads ``x`` (see `leading_axes_view`).
 
     Returns:
       ``(count, mean, m2)`` with ``keepdims`` shapes.
@@ -68,7 +92,7 @@ def _local_moments(
     if mask is None:
         count = math.prod(x.shape[ax] for ax in reduction_axes)
         mean = jnp.sum(x, reduction_axes, keepdims=True) / count
-        m2 = jnp.sum(jnp.square(x - mean), reduction_axes, keepdims=True)
+        m2 = _sum_of_squared_deviations(x, mean, reduction_axes)
         return jnp.full(mean.shape, count, x.dtype), mean, m2
     count = jnp.sum(mask, reduction_axes, dtype=x.dtype, keepdims=True)
     mean = jnp.sum(jnp.where(mask, x, 0), reduction_axes, keepdims=True) / jnp.maximum(count, 1)
