@@ -3,7 +3,9 @@
 Batch 128 of 32x32x3, SGD(lr=0.1, momentum=0.9), cross-entropy; the same maths
 in every framework. Competitors run side by side in one process in interleaved
 rounds; the median images/s and the ratios to jbn are printed, plus the
-compiled temp memory of the jitted steps (``memory_analysis()``).
+compiled temp memory of the jitted steps (``memory_analysis()``). The row
+"jbn, nn.Conv input layer" is jbn with ``flax.linen.Conv`` instead of
+`jbn.patch_conv.PatchConv` for the RGB input convolution.
 
   python bench/bench_train_step.py [--rounds 5] [--markdown out.md]
 """
@@ -104,11 +106,15 @@ def main():
     parser.add_argument("--markdown", default=None, help="append a markdown table to this file")
     args = parser.parse_args()
     jbn_run, jbn_compiled = jax_step(SmallBNConvNet())
+    # The same jbn network with nn.Conv as its input layer: what PatchConv brings.
+    jbn_conv_run, _ = jax_step(SmallBNConvNet(patch_conv_channels=0))
     flax_model = SmallBNConvNet(
-        norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5), pool=_flax_pool
+        norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5),
+        pool=_flax_pool,
+        patch_conv_channels=0,
     )
     flax_run, flax_compiled = jax_step(flax_model)
-    funcs = {"jbn": jbn_run, "flax.linen": flax_run}
+    funcs = {"jbn": jbn_run, "jbn, nn.Conv input layer": jbn_conv_run, "flax.linen": flax_run}
     for name, channels_last in (("torch NCHW", False), ("torch channels_last", True)):
         run = torch_step(channels_last)
         if run is not None:

@@ -1,0 +1,159 @@
+"""A stride-1 ``SAME`` convolution computed as image patches times a matrix.
+
+XLA:CPU runs ``lax.conv_general_dilated`` through Eigen's spatial convolution,
+which is slow when the input has very few channels (the RGB input layer of a
+CNN: 3 channels, a contraction of only 27 per output pixel), and whose
+kernel gradient needs transposed copies of the input and of the output
+gradient. Written as ``patches @ kernel`` the same convolution is one
+matrix product for the forward pass and one for the kernel gradient, and the
+patch matrix built for the forward pass is the residual of the backward pass.
+
+`PatchConv` is a drop-in for ``flax.linen.Conv`` in that case (same variable
+tree: ``kernel`` of shape ``(kh, kw, in, out)``, optional ``bias``); use it
+where it measures faster (``bench/bench_train_step.py``).
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jbn.patch_conv import patch_conv
+    >>> x, k = jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 8))
+    >>> patch_conv(x, k).shape
+    (1, 4, 4, 8)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["PatchConv", "image_patches", "patch_conv"]
+
+
+def image_patches(x: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
+    """``SAME``-padded stride-1 patches: ``(N, H, W, C) -> (N, H, W, kh * kw * C)``.
+
+    Feature ``(i * kw + j) * C + c`` of output pixel ``(h, w)`` is
+    ``x[h + i - (kh - 1) // 2, w + j - (kw - 1) // 2, c]`` (zero outside), so
+    the patches times ``kernel.reshape(-1, out)`` is the convolution.
+    """
+    kh, kw = kernel_size
+    _, height, width, _ = x.shape
+    pad_h, pad_w = kh - 1, kw - 1
+    padded = jnp.pad(
+        x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+    )
+    # Columns first (a concatenation of slices along W), then rows: slicing the
+    # outer H axis of the intermediate copies whole contiguous rows.
+    columns = jnp.concatenate([padded[:, :, j : j + width] for j in range(kw)], axis=-1)
+    return jnp.concatenate([columns[:, i : i + height] for i in range(kh)], axis=-1)
+
+
+def _check(x: jax.Array, kernel: jax.Array) -> None:
+    if x.ndim != 4 or kernel.ndim != 4:
+        raise ValueError(
+            f"patch_conv: expected x of shape (N, H, W, C) and kernel of shape "
+            f"(kh, kw, C, out), got {x.shape} and {kernel.shape}."
+        )
+    if x.shape[-1] != kernel.shape[2]:
+        raise ValueError(
+            f"patch_conv: x has {x.shape[-1]} channels but the kernel expects {kernel.shape[2]}."
+        )
+
+
+def _matmul(patches: jax.Array, kernel: jax.Array) -> jax.Array:
+    return lax.dot_general(
+        patches, kernel.reshape(-1, kernel.shape[-1]), (((patches.ndim - 1,), (0,)), ((), ()))
+    )
+
+
+@jax.custom_vjp
+def patch_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 ``SAME`` convolution (NHWC, HWIO), as ``image_patches(x) @ kernel``.
+
+    Equals ``lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"))`` up to float rounding, in value
+    and in both gradients.
+
+    Args:
+        x: Input of shape ``(N, H, W, C)``.
+        kernel: Kernel of shape ``(kh, kw, C, out)``.
+
+    Returns:
+        Output of shape ``(N, H, W, out)``.
+
+    Raises:
+        ValueError: If the shapes do not match.
+    """
+    _check(x, kernel)
+    return _matmul(image_patches(x, kernel.shape[:2]), kernel)
+
+
+def _patch_conv_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, Any]:
+    _check(x, kernel)
+    patches = image_patches(x, kernel.shape[:2])
+    return _matmul(patches, kernel), (patches, kernel)
+
+
+def _patch_conv_bwd(residuals: Any, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    patches, kernel = residuals
+    rows = patches.shape[0] * patches.shape[1] * patches.shape[2]
+    patch_matrix, g_matrix = patches.reshape(rows, -1), g.reshape(rows, -1)
+    # (out, rows) @ (rows, kh*kw*C): the output gradient transposed, times the
+    # patches as they are, so no copy of the (larger) patch matrix is needed.
+    kernel_grad = lax.dot_general(g_matrix.T, patch_matrix, (((1,), (0,)), ((), ())))
+    x_grad = lax.conv_transpose(
+        g,
+        kernel,
+        (1, 1),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        transpose_kernel=True,
+    )
+    return x_grad.astype(patches.dtype), kernel_grad.T.reshape(kernel.shape).astype(kernel.dtype)
+
+
+patch_conv.defvjp(_patch_conv_fwd, _patch_conv_bwd)
+
+
+class PatchConv(nn.Module):
+    """``flax.linen.Conv`` (stride 1, ``SAME``, NHWC) computed with `patch_conv`.
+
+    Attributes:
+        features: Number of output channels.
+        kernel_size: Spatial size of the kernel.
+        padding: Only ``"SAME"`` (accepted for ``nn.Conv`` compatibility).
+        use_bias: Add a learned bias.
+        dtype: Computation dtype (default: inferred from input and params).
+        param_dtype: Dtype of the parameters.
+        kernel_init: Initializer of the kernel (flax's default).
+        bias_init: Initializer of the bias.
+    """
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    padding: str = "SAME"
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., jax.Array] = nn.linear.default_kernel_init
+    bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Convolves ``x`` of shape ``(N, H, W, C)``; returns ``(N, H, W, features)``."""
+        if self.padding != "SAME":
+            raise ValueError(f"PatchConv supports padding='SAME' only, got {self.padding!r}.")
+        kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = patch_conv(x, kernel)
+        return y if bias is None else y + bias
