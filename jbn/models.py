@@ -128,7 +128,8 @@ def make_model(model_config: Any) -> nn.Module:
     Args:
         model_config: With fields ``name``, ``num_classes``, ``widths``,
             ``use_batch_norm``, ``bn_momentum``, ``bn_epsilon`` and optionally
-            ``virtual_batch_size`` and ``norm`` (``"jbn"`` or ``"flax"``).
+            ``virtual_batch_size``, ``norm`` (``"jbn"`` or ``"flax"``) and
+            ``patch_conv_channels``.
 
     Returns:
         The (unbound) flax module.
@@ -157,4 +158,5 @@ def make_model(model_config: Any) -> nn.Module:
         epsilon=model_config.bn_epsilon,
         virtual_batch_size=model_config.get("virtual_batch_size"),
         norm=norm,
+        patch_conv_channels=model_config.get("patch_conv_channels", 4),
     )
