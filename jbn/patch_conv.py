@@ -10,7 +10,9 @@ patch matrix built for the forward pass is the residual of the backward pass.
 
 `PatchConv` is a drop-in for ``flax.linen.Conv`` in that case (same variable
 tree: ``kernel`` of shape ``(kh, kw, in, out)``, optional ``bias``); use it
-where it measures faster (``bench/bench_train_step.py``).
+where it measures faster (``bench/bench_train_step.py``). The gradient is a
+custom VJP: reverse mode (``jax.grad``, ``jax.vjp``) works, forward mode
+(``jax.jvp``) does not.
 
 Example:
     >>> import jax, jax.numpy as jnp

@@ -1,17 +1,23 @@
 """Shared pytest fixtures.
 
 The suite runs on 8 fake CPU devices (set before JAX is imported) so that the
-sharded code paths are tested on every machine.
+sharded code paths are tested on every machine, and with the XLA flags that
+``train.py`` runs with (`jbn.cpu_tuning`), so the tests check the code the
+workbench actually executes.
 """
 
 from __future__ import annotations
 
 import os
 
+from jbn import cpu_tuning
+
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
+if os.environ.get(cpu_tuning.OPT_OUT_ENV) is None:
+    os.environ["XLA_FLAGS"] = cpu_tuning.environment()["XLA_FLAGS"]
 
 import pathlib
 import pickle
