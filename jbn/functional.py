@@ -123,7 +123,8 @@ def _normalize_with_batch_stats_jvp(
     tangent is ``a * (dx - mean_w(dx)) - d * a * rstd^2 * mean_w(d dx)
     + d * rstd * dscale + dbias``. Its transpose (the backward pass) has the
     same form, so reverse mode keeps one full-size residual, ``d``, which the
-    forward pass computes anyway, and needs one reduction of two stacked sums.
+    forward pass computes anyway, and needs two sums (one collective under
+    ``axis_name``).
     """
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
@@ -135,16 +136,17 @@ def _normalize_with_batch_stats_jvp(
 
     dxf = dx.astype(centred.dtype)
     weighted = dxf if mask is None else jnp.where(mask, dxf, 0)
-    sums = jnp.stack(
-        [
+    # Two separate sums (not one stacked array): their transposes then stay
+    # plain per-feature broadcasts that XLA:CPU hoists out of the element loop.
+    sums = statistics.reduce_across_devices(
+        (
             jnp.sum(weighted, reduction_axes, keepdims=True),
-            statistics.sum_of_products(weighted, centred, reduction_axes),
-        ]
+            jnp.sum(weighted * centred, reduction_axes, keepdims=True),
+        ),
+        axis_name,
+        axis_index_groups,
     )
-    sums = statistics.reduce_across_devices(sums, axis_name, axis_index_groups) / jnp.maximum(
-        count, 1
-    )
-    mean_dx, mean_centred_dx = sums[0], sums[1]
+    mean_dx, mean_centred_dx = (total / jnp.maximum(count, 1) for total in sums)
     centred_coef = -multiplier * jnp.square(rstd) * mean_centred_dx
     if scale is not None:
         centred_coef = centred_coef + rstd * dscale.astype(centred.dtype)

@@ -43,16 +43,6 @@ def stats_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def sum_of_products(a: Array, b: Array, reduction_axes: tuple[int, ...]) -> Array:
-    """``sum(a * b)`` over ``reduction_axes`` with ``keepdims``, as one ``dot_general``."""
-    kept = tuple(ax for ax in range(a.ndim) if ax not in reduction_axes)
-    out = lax.dot_general(
-        a, b, ((reduction_axes, reduction_axes), (kept, kept)), precision=lax.Precision.HIGHEST
-    )
-    shape = tuple(1 if ax in reduction_axes else a.shape[ax] for ax in range(a.ndim))
-    return out.reshape(shape)
-
-
 def leading_axes_view(x: Array, reduction_axes: tuple[int, ...]) -> Array | None:
     """``x`` as ``(rows, *features)`` when the reduced axes lead (NHWC), else None.
 
@@ -145,8 +135,11 @@ def keepdims_moments(
     return Moments(mean, m2 / jnp.maximum(count, 1), count)
 
 
-def reduce_across_devices(sums: Array, axis_name: AxisName, axis_index_groups: Any) -> Array:
-    """``psum`` over ``axis_name`` (identity when it is None)."""
+def reduce_across_devices(sums: Any, axis_name: AxisName, axis_index_groups: Any) -> Any:
+    """``psum`` of an array or a tuple of arrays (one collective) over ``axis_name``.
+
+    The identity when ``axis_name`` is None.
+    """
     if axis_name is None:
         return sums
     return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
