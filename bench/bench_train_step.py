@@ -5,7 +5,9 @@ in every framework. Competitors run side by side in one process in interleaved
 rounds; the median images/s and the ratios to jbn are printed, plus the
 compiled temp memory of the jitted steps (``memory_analysis()``). The row
 "jbn, nn.Conv input layer" is jbn with ``flax.linen.Conv`` instead of
-`jbn.patch_conv.PatchConv` for the RGB input convolution.
+`jbn.patch_conv.PatchConv` for the RGB input convolution. Both JAX steps are
+compiled with the options ``jbn.train_lib`` uses for its train step
+(`jbn.cpu_tuning.train_step_compiler_options`).
 
   python bench/bench_train_step.py [--rounds 5] [--markdown out.md]
 """
@@ -20,6 +22,7 @@ import jax
 import optax
 
 from bench import timing
+from jbn import cpu_tuning
 from jbn.models import SmallBNConvNet
 
 BATCH = 128
@@ -54,7 +57,9 @@ def jax_step(model):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
-    jitted = jax.jit(step, donate_argnums=0)
+    # Compiled as jbn.train_lib compiles its train step (same options for jbn and flax).
+    options = cpu_tuning.train_step_compiler_options(jax.default_backend())
+    jitted = jax.jit(step, donate_argnums=0, compiler_options=options)
     compiled = jitted.lower(state, images, labels).compile()
     holder = [state]
 

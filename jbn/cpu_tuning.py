@@ -10,14 +10,16 @@ Settings read only at process start, so entry points (``train.py``,
   fusions for dots and reductions but not for convolutions, whose weight
   gradients YNNPACK runs several times slower than XLA's default kernels.
   Measured: SmallBNConvNet train step 33 -> 17.5 ms (BENCHMARKS.md).
-- ``--xla_cpu_use_fusion_emitters=false``: XLA's older elemental emitter for
-  loop fusions, which ran the train step's element-wise fusions (BatchNorm,
-  pooling, their gradients, the transposes around convolutions) faster: the
-  step took 0.88x the time in a same-process comparison (2026-11-27, AMD EPYC,
-  2 cores), and BatchNorm forward+backward 0.85-0.93x.
 
-The XLA flags are only added for jaxlib releases where they were measured
+The XLA flag is only added for jaxlib releases where it was measured
 (`TUNED_JAXLIB`): unknown XLA flags abort the process.
+
+One more setting is per compiled function, not per process:
+`train_step_compiler_options` (``xla_cpu_use_fusion_emitters=False``, XLA's
+older elemental emitter for loop fusions) made the whole SmallBNConvNet train
+step faster (0.88x the time in a same-process comparison, 2026-11-27, AMD EPYC,
+2 cores) but BatchNorm alone slower (1.0-1.13x), so ``jbn.train_lib`` compiles
+only the train step with it.
 
 Set ``JBN_NO_CPU_TUNING=1`` to run without either.
 """
@@ -30,11 +32,9 @@ import sys
 from collections.abc import Mapping, Sequence
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
-XLA_CPU_FLAGS = (
-    "--xla_cpu_experimental_ynn_fusion_type=dot,reduce",
-    "--xla_cpu_use_fusion_emitters=false",
-)
-TUNED_JAXLIB = ("0.10.",)  # jaxlib release prefixes where XLA_CPU_FLAGS exist and were measured.
+XLA_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
+TUNED_JAXLIB = ("0.10.",)  # jaxlib releases where these settings exist and were measured.
+TRAIN_STEP_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 OPT_OUT_ENV = "JBN_NO_CPU_TUNING"
 
 
@@ -63,6 +63,16 @@ def environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     if flags:
         env["XLA_FLAGS"] = flags
     return env
+
+
+def train_step_compiler_options(platform: str) -> dict[str, bool]:
+    """XLA compile options for the train step on ``platform`` (``"cpu"``, ``"gpu"``, ...).
+
+    Empty off the CPU, on untested jaxlib releases, or when ``JBN_NO_CPU_TUNING``
+    is set.
+    """
+    tuned = _jaxlib_version().startswith(TUNED_JAXLIB) and os.environ.get(OPT_OUT_ENV) is None
+    return dict(TRAIN_STEP_CPU_OPTIONS) if platform == "cpu" and tuned else {}
 
 
 def reexec_tuned(argv: Sequence[str] | None = None) -> None:

@@ -33,7 +33,7 @@ from flax.training import train_state
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jbn import data, distributed, run_log
+from jbn import cpu_tuning, data, distributed, run_log
 from jbn.checkpoint import Checkpointer
 from jbn.models import make_model
 from jbn.optim import make_optimizer, make_schedule
@@ -182,15 +182,19 @@ def eval_step(state: TrainState, batch: Batch) -> Metrics:
 def make_train_step(config: Any, mesh: Mesh) -> Any:
     """``train_step`` jitted over ``mesh`` with the state donated.
 
+    On the CPU it is compiled with `cpu_tuning.train_step_compiler_options`.
+
     Returns:
         ``step(state, batch, rng) -> (state, metrics)``.
     """
     replicated = distributed.replicated(mesh)
+    platform = mesh.devices.flat[0].platform
     return jax.jit(
         functools.partial(train_step, augment=config.data.augment),
         in_shardings=(replicated, distributed.batch_sharding(mesh), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=cpu_tuning.train_step_compiler_options(platform),
     )
 
 

@@ -20,15 +20,22 @@ def test_environment_adds_settings_without_overriding(monkeypatch):
     # Idempotent, and a user's own ynn setting is kept.
     assert cpu_tuning.environment(env) == env
     mine = cpu_tuning.environment({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=reduce"})
-    assert mine["XLA_FLAGS"].split() == [
-        "--xla_cpu_experimental_ynn_fusion_type=reduce",
-        "--xla_cpu_use_fusion_emitters=false",
-    ]
+    assert mine["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=reduce"
 
 
 def test_untested_jaxlib_gets_no_xla_flag(monkeypatch):
     monkeypatch.setattr(cpu_tuning, "_jaxlib_version", lambda: "0.99.0")
     assert "XLA_FLAGS" not in cpu_tuning.environment({})
+    assert cpu_tuning.train_step_compiler_options("cpu") == {}
+
+
+def test_train_step_options_only_on_cpu_and_not_when_opted_out(monkeypatch):
+    monkeypatch.setattr(cpu_tuning, "_jaxlib_version", lambda: "0.10.2")
+    monkeypatch.delenv(cpu_tuning.OPT_OUT_ENV, raising=False)
+    assert cpu_tuning.train_step_compiler_options("cpu") == {"xla_cpu_use_fusion_emitters": False}
+    assert cpu_tuning.train_step_compiler_options("gpu") == {}
+    monkeypatch.setenv(cpu_tuning.OPT_OUT_ENV, "1")
+    assert cpu_tuning.train_step_compiler_options("cpu") == {}
 
 
 def test_reexec_sets_the_environment_once_and_can_be_skipped(tmp_path):
