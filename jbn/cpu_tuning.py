@@ -18,7 +18,7 @@ One more setting is per compiled function, not per process:
 `train_step_compiler_options` (``xla_cpu_use_fusion_emitters=False``, XLA's
 older elemental emitter for loop fusions) made the whole SmallBNConvNet train
 step faster (0.88x the time in a same-process comparison, 2026-11-27, AMD EPYC,
-2 cores) but BatchNorm alone slower (1.0-1.13x), so ``jbn.train_lib`` compiles
+2 cores) but BatchNorm alone slower (1.0-1.12x), so ``jbn.train_lib`` compiles
 only the train step with it.
 
 Set ``JBN_NO_CPU_TUNING=1`` to run without either.
