@@ -14,12 +14,17 @@ Settings read only at process start, so entry points (``train.py``,
 The XLA flag is only added for jaxlib releases where it was measured
 (`TUNED_JAXLIB`): unknown XLA flags abort the process.
 
-One more setting is per compiled function, not per process:
-`train_step_compiler_options` (``xla_cpu_use_fusion_emitters=False``, XLA's
-older elemental emitter for loop fusions) made the whole SmallBNConvNet train
-step faster (0.88x the time in a same-process comparison, 2026-11-27, AMD EPYC,
-2 cores) but BatchNorm alone slower (1.0-1.12x), so ``jbn.train_lib`` compiles
-only the train step with it.
+Two more settings are per compiled function, not per process:
+
+- `train_step_compiler_options` (``xla_cpu_use_fusion_emitters=False``, XLA's
+  older elemental emitter for loop fusions) made the whole SmallBNConvNet train
+  step faster (0.88x the time in a same-process comparison, 2026-11-27, AMD
+  EPYC, 2 cores) but BatchNorm alone slower (1.0-1.12x), so ``jbn.train_lib``
+  compiles only the train step with it.
+- `init_compiler_options` (``xla_backend_optimization_level=0``) for the
+  one-off parameter initialisation: LLVM's optimisation of the threefry random
+  bits took most of its compile time (SmallBNConvNet: 4.1 s -> 0.6 s). The
+  initial values can differ from an optimised build in the last bit.
 
 Set ``JBN_NO_CPU_TUNING=1`` to run without any of them.
 """
@@ -30,11 +35,13 @@ import importlib.metadata
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 XLA_CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
 TUNED_JAXLIB = ("0.10.",)  # jaxlib releases where these settings exist and were measured.
 TRAIN_STEP_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+INIT_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
 OPT_OUT_ENV = "JBN_NO_CPU_TUNING"
 
 
@@ -60,14 +67,27 @@ def environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def train_step_compiler_options(platform: str) -> dict[str, bool]:
+def _cpu_options(platform: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` on a tuned CPU, else empty (other platforms, untested jaxlib, opt-out)."""
+    tuned = _jaxlib_version().startswith(TUNED_JAXLIB) and os.environ.get(OPT_OUT_ENV) is None
+    return dict(options) if platform == "cpu" and tuned else {}
+
+
+def train_step_compiler_options(platform: str) -> dict[str, Any]:
     """XLA compile options for the train step on ``platform`` (``"cpu"``, ``"gpu"``, ...).
 
     Empty off the CPU, on untested jaxlib releases, or when ``JBN_NO_CPU_TUNING``
     is set.
     """
-    tuned = _jaxlib_version().startswith(TUNED_JAXLIB) and os.environ.get(OPT_OUT_ENV) is None
-    return dict(TRAIN_STEP_CPU_OPTIONS) if platform == "cpu" and tuned else {}
+    return _cpu_options(platform, TRAIN_STEP_CPU_OPTIONS)
+
+
+def init_compiler_options(platform: str) -> dict[str, Any]:
+    """XLA compile options for the one-off parameter initialisation on ``platform``.
+
+    Empty where `train_step_compiler_options` is.
+    """
+    return _cpu_options(platform, INIT_CPU_OPTIONS)
 
 
 def reexec_tuned(argv: Sequence[str] | None = None) -> None:

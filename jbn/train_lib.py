@@ -94,7 +94,12 @@ def create_train_state(
         )
         return state.replace(step=jnp.zeros((), jnp.int32))
 
-    return jax.jit(init, out_shardings=distributed.replicated(mesh))(rng)
+    platform = mesh.devices.flat[0].platform
+    return jax.jit(
+        init,
+        out_shardings=distributed.replicated(mesh),
+        compiler_options=cpu_tuning.init_compiler_options(platform),
+    )(rng)
 
 
 def _model_config(config: Any, mesh: Mesh) -> Any:

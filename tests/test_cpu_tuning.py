@@ -26,13 +26,16 @@ def test_untested_jaxlib_gets_no_xla_flag(monkeypatch):
     assert cpu_tuning.train_step_compiler_options("cpu") == {}
 
 
-def test_train_step_options_only_on_cpu_and_not_when_opted_out(monkeypatch):
+def test_compile_options_only_on_cpu_and_not_when_opted_out(monkeypatch):
     monkeypatch.setattr(cpu_tuning, "_jaxlib_version", lambda: "0.10.2")
     monkeypatch.delenv(cpu_tuning.OPT_OUT_ENV, raising=False)
     assert cpu_tuning.train_step_compiler_options("cpu") == {"xla_cpu_use_fusion_emitters": False}
+    assert cpu_tuning.init_compiler_options("cpu") == {"xla_backend_optimization_level": 0}
     assert cpu_tuning.train_step_compiler_options("gpu") == {}
+    assert cpu_tuning.init_compiler_options("gpu") == {}
     monkeypatch.setenv(cpu_tuning.OPT_OUT_ENV, "1")
     assert cpu_tuning.train_step_compiler_options("cpu") == {}
+    assert cpu_tuning.init_compiler_options("cpu") == {}
 
 
 def test_reexec_sets_the_environment_once_and_can_be_skipped(tmp_path):
