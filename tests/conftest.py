@@ -3,7 +3,8 @@
 The suite runs on 8 fake CPU devices (set before JAX is imported) so that the
 sharded code paths are tested on every machine, and with the XLA flags that
 ``train.py`` runs with (`jbn.cpu_tuning`), so the tests check the code the
-workbench actually executes.
+workbench actually executes. Random numbers come from the non-partitionable
+threefry (faster to compile; see below).
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ if os.environ.get(cpu_tuning.OPT_OUT_ENV) is None:
 import pathlib
 import pickle
 
+import jax
 import numpy as np
 import pytest
+
+# Random test inputs and initial parameters only: XLA:CPU compiles the
+# partitionable threefry (JAX's default) about 4x slower, per new shape, which
+# was a quarter of the suite's time. No test depends on the particular values;
+# the train.py subprocesses of test_multiprocess keep JAX's default.
+jax.config.update("jax_threefry_partitionable", False)
 
 
 def write_cifar10_dir(

@@ -78,10 +78,9 @@ def _by_hand(config, batch, group_size):
             "batch_stats"
         ]
 
+    group_grad = jax.jit(jax.value_and_grad(group_loss, has_aux=True))
     results = [
-        jax.value_and_grad(group_loss, has_aux=True)(
-            state.params, images[i : i + group_size], labels[i : i + group_size]
-        )
+        group_grad(state.params, images[i : i + group_size], labels[i : i + group_size])
         for i in range(0, BATCH, group_size)
     ]
     loss = np.mean([r[0][0] for r in results])

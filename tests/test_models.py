@@ -18,7 +18,8 @@ def _shapes(tree):
 
 
 def _init(model, batch=2):
-    return model.init(jax.random.key(0), jnp.zeros((batch, 32, 32, 3)), train=False)
+    init = jax.jit(functools.partial(model.init, train=False))
+    return init(jax.random.key(0), jnp.zeros((batch, 32, 32, 3)))
 
 
 def test_variable_tree_matches_seed_network():
@@ -133,8 +134,9 @@ def test_fast_network_equals_the_seed_ordering_with_reduce_window_pooling():
         )
         return jnp.sum(jnp.sin(logits))
 
-    value, grads = jax.value_and_grad(loss)(variables["params"], SmallBNConvNet())
-    ref_value, ref_grads = jax.value_and_grad(loss)(variables["params"], SeedOrder())
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    value, grads = value_and_grad(variables["params"], SmallBNConvNet())
+    ref_value, ref_grads = value_and_grad(variables["params"], SeedOrder())
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, ref_grads
