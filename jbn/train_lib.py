@@ -68,6 +68,8 @@ def create_train_state(
 ) -> TrainState:
     """Initialises model variables and optimizer state, replicated over ``mesh``.
 
+    On the CPU the initialisation is compiled with `cpu_tuning.init_compiler_options`.
+
     Args:
         config: The run config (``model``, ``optim``, ``data.batch_size``,
             ``num_epochs``).
