@@ -24,6 +24,7 @@ def test_untested_jaxlib_gets_no_xla_flag(monkeypatch):
     monkeypatch.setattr(cpu_tuning, "_jaxlib_version", lambda: "0.99.0")
     assert "XLA_FLAGS" not in cpu_tuning.environment({})
     assert cpu_tuning.train_step_compiler_options("cpu") == {}
+    assert cpu_tuning.init_compiler_options("cpu") == {}
 
 
 def test_compile_options_only_on_cpu_and_not_when_opted_out(monkeypatch):
