@@ -4,6 +4,8 @@ Forward and forward+backward (training mode), at the two BatchNorm shapes of
 the seed CNN (batch 128) and one large shape. Competitors run side by side in
 one process, in interleaved rounds; medians are reported with ratios to jbn.
 
+On a GPU, PyTorch runs there too (`bench.timing.torch_device`).
+
   python bench/bench_batchnorm.py [--rounds 7] [--markdown out.md]
 """
 
@@ -64,11 +66,13 @@ def torch_cases(shape):
     except ImportError:
         return {}
     torch.set_num_threads(2)
+    device = timing.torch_device()
     n, h, w, c = shape
-    x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
-    rm, rv = torch.zeros(c), torch.ones(c)
+    x = torch.randn(n, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(n, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    weight = torch.ones(c, device=device, requires_grad=True)
+    bias = torch.zeros(c, device=device, requires_grad=True)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
 
     def fwd():
         with torch.no_grad():
@@ -81,7 +85,10 @@ def torch_cases(shape):
         y.backward(dy)
         xg.grad = weight.grad = bias.grad = None
 
-    return {"torch fwd": fwd, "torch fwd+bwd": fwd_bwd}
+    return {
+        "torch fwd": timing.torch_callable(fwd, device),
+        "torch fwd+bwd": timing.torch_callable(fwd_bwd, device),
+    }
 
 
 def main():

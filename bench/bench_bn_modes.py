@@ -61,6 +61,13 @@ def make_step(mode, virtual_batch_size, mesh):
     return run, collectives
 
 
+def _devices(mesh) -> str:
+    """How many devices of which kind ``mesh`` spans, e.g. "8 fake CPU devices"."""
+    device = mesh.devices.flat[0]
+    kind = "fake CPU" if device.platform == "cpu" else device.device_kind
+    return f"{mesh.size} {kind} device{'s' if mesh.size > 1 else ''}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -73,7 +80,7 @@ def main():
         funcs[mode], collectives[mode] = make_step(mode, vbs, mesh)
     medians = timing.interleaved_medians(funcs, rounds=args.rounds, min_seconds=1.0)
     lines = [
-        f"## BatchNorm statistics modes: data-parallel train step on {mesh.size} fake CPU devices "
+        f"## BatchNorm statistics modes: data-parallel train step on {_devices(mesh)} "
         f"(batch {BATCH}, median of {args.rounds} interleaved rounds)",
         "",
         "| mode | ms/step | images/s | time / local | collectives in the compiled step |",

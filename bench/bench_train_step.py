@@ -9,6 +9,8 @@ compiled temp memory of the jitted steps (``memory_analysis()``). The row
 compiled with the options ``jbn.train_lib`` uses for its train step
 (`jbn.cpu_tuning.train_step_compiler_options`).
 
+On a GPU, PyTorch runs there too (`bench.timing.torch_device`).
+
   python bench/bench_train_step.py [--rounds 5] [--markdown out.md]
 """
 
@@ -76,6 +78,7 @@ def torch_step(channels_last):
     except ImportError:
         return None
     torch.set_num_threads(2)
+    device = timing.torch_device()
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1, bias=False),
         torch.nn.BatchNorm2d(16),
@@ -87,12 +90,12 @@ def torch_step(channels_last):
         torch.nn.MaxPool2d(2),
         torch.nn.Flatten(),
         torch.nn.Linear(32 * 8 * 8, 10),
-    )
-    images = torch.randn(BATCH, 3, 32, 32)
+    ).to(device)
+    images = torch.randn(BATCH, 3, 32, 32, device=device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (BATCH,))
+    labels = torch.randint(0, 10, (BATCH,), device=device)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -102,7 +105,7 @@ def torch_step(channels_last):
         loss.backward()
         opt.step()
 
-    return run
+    return timing.torch_callable(run, device)
 
 
 def main():
@@ -112,7 +115,7 @@ def main():
     args = parser.parse_args()
     jbn_run, jbn_compiled = jax_step(SmallBNConvNet())
     # The same jbn network with nn.Conv as its input layer: what PatchConv brings.
-    jbn_conv_run, _ = jax_step(SmallBNConvNet(patch_conv_channels=0))
+    jbn_conv_run, jbn_conv_compiled = jax_step(SmallBNConvNet(patch_conv_channels=0))
     flax_model = SmallBNConvNet(
         norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5),
         pool=_flax_pool,
@@ -134,15 +137,17 @@ def main():
     ]
     for name, ms in medians.items():
         lines.append(f"| {name} | {ms:.2f} | {ips[name]:.0f} | {ips['jbn'] / ips[name]:.2f} |")
-    temp = {
-        name: compiled.memory_analysis().temp_size_in_bytes
-        for name, compiled in (("jbn", jbn_compiled), ("flax.linen", flax_compiled))
+    compiled = {
+        "jbn": jbn_compiled,
+        "jbn, nn.Conv input layer": jbn_conv_compiled,
+        "flax.linen": flax_compiled,
     }
+    temp = {name: c.memory_analysis().temp_size_in_bytes / 2**20 for name, c in compiled.items()}
     lines += [
         "",
         "Compiled train-step temp memory (`memory_analysis().temp_size_in_bytes`): "
-        f"jbn {temp['jbn'] / 2**20:.2f} MiB, flax.linen {temp['flax.linen'] / 2**20:.2f} MiB "
-        f"(jbn / flax = {temp['jbn'] / temp['flax.linen']:.2f}).",
+        + ", ".join(f"{name} {mib:.2f} MiB" for name, mib in temp.items())
+        + f" (jbn / flax = {temp['jbn'] / temp['flax.linen']:.2f}).",
     ]
     timing.emit("\n".join(lines), args.markdown)
 

@@ -47,6 +47,13 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _jax_devices() -> str:
+    import jax  # Here only: the scripts themselves run in fresh processes.
+
+    devices = jax.devices()
+    return f"{jax.default_backend()}, {len(devices)} x {devices[0].device_kind}"
+
+
 def header(env: dict[str, str]) -> str:
     """The machine and library versions, as markdown."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -61,6 +68,7 @@ def header(env: dict[str, str]) -> str:
             "",
             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- machine: {_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}",
+            f"- JAX devices: {_jax_devices()} (PyTorch runs on a GPU too when JAX does)",
             f"- python {platform.python_version()}; {versions}",
             f"- load average when started: {load:.2f} (the machine is shared: compare ratios, not absolute times)",
             f"- environment of every script (as train.py sets it, see jbn/cpu_tuning.py): "

@@ -19,6 +19,29 @@ def jax_callable(fn: Callable, *args) -> Callable[[], None]:
     return run
 
 
+def torch_device() -> str:
+    """``"cuda"`` when JAX runs on a GPU and PyTorch sees one, else ``"cpu"``.
+
+    Puts PyTorch on the same kind of device as JAX, so each comparison is like for like.
+    """
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def torch_callable(fn: Callable[[], None], device: str) -> Callable[[], None]:
+    """Wraps ``fn`` so that it returns only once its PyTorch kernels on ``device`` are done."""
+    if device == "cpu":
+        return fn
+    import torch
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
 def time_once(fn: Callable[[], None], min_seconds: float = 0.2) -> float:
     """Milliseconds per call, averaged over enough calls to fill ``min_seconds``."""
     fn()
