@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
-The suite runs on 8 fake CPU devices (set before JAX is imported) so that the
-sharded code paths are tested on every machine, and with the XLA flags that
+The suite runs on the CPU, as 8 fake devices (set before JAX is imported), so
+that the sharded code paths are tested on every machine, and with the XLA flags that
 ``train.py`` runs with (`jbn.cpu_tuning`), so the tests check the code the
 workbench actually executes. Random numbers come from the non-partitionable
 threefry (faster to compile; see below), and float32 matmuls run at full
@@ -14,6 +14,10 @@ import os
 
 from jbn import cpu_tuning
 
+# The suite is the CPU suite everywhere (CI has no accelerator): on a GPU
+# machine JAX would otherwise pick its one GPU and the 8-device tests would fail.
+# An explicit JAX_PLATFORMS (e.g. "cuda" for the single-device tests) wins.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
