@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Convolutions with at most this many input channels (the RGB input) run as
     # jbn.patch_conv.PatchConv: same maths as nn.Conv, faster on XLA:CPU. 0: never.
     config.model.patch_conv_channels = 4
+    # On one CPU device, run that RGB convolution with jbn.native's compiled
+    # kernel (built with the C++ compiler on first use; XLA's path without one).
+    config.model.native_input_conv = True
     # Which examples share BatchNorm statistics in training: "global" (the whole
     # global batch, exact as on one device), "local" (each device's shard, like
     # PyTorch DDP without SyncBatchNorm) or "ghost" (virtual_batch_size groups).

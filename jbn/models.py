@@ -62,6 +62,8 @@ class SmallBNConvNet(nn.Module):
         patch_conv_channels: Convolutions whose input has at most this many
             channels (the RGB input) run as `jbn.patch_conv.PatchConv` (same
             maths and variables as ``nn.Conv``, faster on XLA:CPU); 0: never.
+        native_input_conv: Let those convolutions use the compiled CPU kernel
+            (``PatchConv(native=True)``, `jbn.native`); for one device only.
         dtype: Computation dtype of convolutions and the classifier.
     """
 
@@ -75,6 +77,7 @@ class SmallBNConvNet(nn.Module):
     pool: PoolFn = max_pool
     pool_window: int = 2
     patch_conv_channels: int = 4
+    native_input_conv: bool = False
     dtype: Any = jnp.float32
 
     def _norm_factory(self) -> ModuleFactory:
@@ -101,7 +104,11 @@ class SmallBNConvNet(nn.Module):
         """
         norm = self._norm_factory()
         for i, width in enumerate(self.widths):
-            conv = PatchConv if x.shape[-1] <= self.patch_conv_channels else nn.Conv
+            conv_kwargs: dict[str, Any] = {}
+            if x.shape[-1] <= self.patch_conv_channels:
+                conv, conv_kwargs["native"] = PatchConv, self.native_input_conv
+            else:
+                conv = nn.Conv
             x = conv(
                 width,
                 (3, 3),
@@ -109,6 +116,7 @@ class SmallBNConvNet(nn.Module):
                 use_bias=not self.use_batch_norm,
                 dtype=self.dtype,
                 name=f"conv{i}",
+                **conv_kwargs,
             )(x)
             if self.use_batch_norm:
                 x = norm(use_running_average=not train, name=f"bn{i}")(x)
@@ -128,8 +136,8 @@ def make_model(model_config: Any) -> nn.Module:
     Args:
         model_config: With fields ``name``, ``num_classes``, ``widths``,
             ``use_batch_norm``, ``bn_momentum``, ``bn_epsilon`` and optionally
-            ``virtual_batch_size``, ``norm`` (``"jbn"`` or ``"flax"``) and
-            ``patch_conv_channels``.
+            ``virtual_batch_size``, ``norm`` (``"jbn"`` or ``"flax"``),
+            ``patch_conv_channels`` and ``native_input_conv``.
 
     Returns:
         The (unbound) flax module.
@@ -159,4 +167,5 @@ def make_model(model_config: Any) -> nn.Module:
         virtual_batch_size=model_config.get("virtual_batch_size"),
         norm=norm,
         patch_conv_channels=model_config.get("patch_conv_channels", 4),
+        native_input_conv=model_config.get("native_input_conv", False),
     )

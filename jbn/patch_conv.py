@@ -133,6 +133,10 @@ class PatchConv(nn.Module):
         param_dtype: Dtype of the parameters.
         kernel_init: Initializer of the kernel (flax's default).
         bias_init: Initializer of the bias.
+        native: On the CPU, run 3x3 kernels with 1-4 input and 8, 16 or 32
+            output channels as `jbn.native.conv3x3_small` (a compiled kernel)
+            where `jbn.native.supports` them; XLA's patches elsewhere. Its
+            custom call is not split by sharding: use it on one device.
     """
 
     features: int
@@ -143,6 +147,7 @@ class PatchConv(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Callable[..., jax.Array] = nn.linear.default_kernel_init
     bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
+    native: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -157,5 +162,10 @@ class PatchConv(nn.Module):
             else None
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = patch_conv(x, kernel)
+        from jbn import native  # Here: jbn.native builds on this module.
+
+        if self.native and native.supports(x.shape, kernel.shape, x.dtype):
+            y = native.conv3x3_small(x, kernel)
+        else:
+            y = patch_conv(x, kernel)
         return y if bias is None else y + bias

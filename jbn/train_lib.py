@@ -105,9 +105,15 @@ def create_train_state(
 
 
 def _model_config(config: Any, mesh: Mesh) -> Any:
-    """``config.model`` with the BatchNorm groups of ``config.model.bn_stats`` resolved."""
+    """``config.model`` resolved for ``mesh``.
+
+    Sets the BatchNorm groups of ``bn_stats``, and keeps ``native_input_conv``
+    only on one CPU device (XLA's sharding does not split its custom call).
+    """
     model_config = config.model.copy_and_resolve_references()
+    one_cpu = mesh.size == 1 and mesh.devices.flat[0].platform == "cpu"
     with model_config.unlocked():
+        model_config.native_input_conv = bool(model_config.get("native_input_conv")) and one_cpu
         model_config.virtual_batch_size = distributed.batch_stats_group_size(
             config.model.get("bn_stats", "global"),
             config.data.batch_size,

@@ -1,0 +1,166 @@
+"""Tests for jbn.native (the compiled CPU kernel of the RGB input convolution).
+
+References: a float64 NumPy convolution and its hand-written gradients, and
+jbn.patch_conv (XLA's path) in SmallBNConvNet. Tolerances: relative to the
+largest entry of each reference, 1e-6 for the forward pass and 1e-5 for the
+kernel gradient (a sum over every pixel of the batch).
+
+The kernel is built with the C++ compiler; where there is none, these tests
+skip. Where there is one, a failed build fails them.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jbn import distributed, native, train_lib
+from jbn.models import SmallBNConvNet
+from jbn.patch_conv import PatchConv
+
+SHAPES = [  # (N, H, W, C, O)
+    (4, 8, 8, 3, 16),
+    (2, 5, 12, 1, 8),
+    (3, 6, 4, 4, 32),
+    (2, 7, 8, 2, 16),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler: jbn.native uses XLA's convolution instead")
+    assert native.available(), "a C++ compiler is present but the native kernel did not build"
+
+
+def _float64_conv_and_grads(x, kernel, dy):
+    """Forward, input gradient and kernel gradient of a SAME 3x3 convolution in float64."""
+    x, kernel, dy = (np.asarray(a, np.float64) for a in (x, kernel, dy))
+    n, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = np.zeros((n, h, w, kernel.shape[-1]))
+    dpadded = np.zeros_like(padded)
+    dkernel = np.zeros_like(kernel)
+    for i in range(3):
+        for j in range(3):
+            window = padded[:, i : i + h, j : j + w, :]
+            y += window @ kernel[i, j]
+            dkernel[i, j] = np.einsum("nhwc,nhwo->co", window, dy)
+            dpadded[:, i : i + h, j : j + w, :] += dy @ kernel[i, j].T
+    return y, dpadded[:, 1:-1, 1:-1, :], dkernel
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_float64_reference(shape):
+    n, h, w, c, o = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32) + 3.0
+    kernel = (0.3 * rng.standard_normal((3, 3, c, o))).astype(np.float32)
+    dy = rng.standard_normal((n, h, w, o)).astype(np.float32)
+    y, vjp = jax.jit(lambda x, k: jax.vjp(native.conv3x3_small, x, k))(x, kernel)
+    dx, dkernel = jax.jit(vjp)(jnp.asarray(dy))
+    y_ref, dx_ref, dkernel_ref = _float64_conv_and_grads(x, kernel, dy)
+    for got, ref, rel in ((y, y_ref, 1e-6), (dx, dx_ref, 1e-6), (dkernel, dkernel_ref, 1e-5)):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=rel * np.abs(ref).max())
+
+
+def test_small_bn_conv_net_same_logits_and_gradients_as_xla_path():
+    x = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
+    labels = jax.random.randint(jax.random.key(1), (16,), 0, 10)
+    variables = SmallBNConvNet().init(jax.random.key(2), x, train=False)
+
+    def loss(params, model):
+        logits, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        log_probs = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], 1)), logits
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (value, logits), grads = value_and_grad(
+        variables["params"], SmallBNConvNet(native_input_conv=True)
+    )
+    (ref_value, ref_logits), ref_grads = value_and_grad(variables["params"], SmallBNConvNet())
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()),
+        grads,
+        ref_grads,
+    )
+
+
+def _lowered_text(module, x):
+    variables = module.init(jax.random.key(0), x)
+    return jax.jit(module.apply).lower(variables, x).as_text()
+
+
+def test_patch_conv_uses_the_kernel_only_where_supported():
+    x = jnp.ones((2, 8, 8, 3))
+    assert "JbnConv3x3SmallForward" in _lowered_text(PatchConv(16, native=True), x)
+    assert "JbnConv3x3SmallForward" not in _lowered_text(PatchConv(16), x)
+    # 4 outputs, a 5x5 kernel, a width of 6, float64: XLA's patches.
+    assert "JbnConv3x3Small" not in _lowered_text(PatchConv(4, native=True), x)
+    assert "JbnConv3x3Small" not in _lowered_text(PatchConv(16, (5, 5), native=True), x)
+    assert "JbnConv3x3Small" not in _lowered_text(PatchConv(16, native=True), x[:, :, :6])
+    assert not native.supports((2, 8, 8, 3), (3, 3, 3, 16), jnp.float64)
+
+
+def test_unsupported_shape_is_rejected_with_a_clear_error():
+    with pytest.raises(ValueError, match="conv3x3_small: unsupported"):
+        native.conv3x3_small(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4)))
+    with pytest.raises(ValueError, match="unsupported"):
+        native.conv3x3_small(jnp.ones((2, 8, 8, 5)), jnp.ones((3, 3, 5, 16)))
+
+
+def test_vmap_and_sharded_batch_give_the_same_values():
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 16))
+    expected = native.conv3x3_small(x, kernel)
+    mapped = jax.vmap(native.conv3x3_small, in_axes=(0, None))(x.reshape(2, 4, 8, 8, 3), kernel)
+    np.testing.assert_array_equal(mapped.reshape(expected.shape), expected)
+    # Not split by XLA's sharding (the custom call runs on the gathered batch), but exact.
+    mesh = distributed.create_mesh({"data": -1})
+    sharded_x = jax.device_put(x, distributed.batch_sharding(mesh))
+    np.testing.assert_allclose(jax.jit(native.conv3x3_small)(sharded_x, kernel), expected)
+
+
+def test_train_lib_keeps_the_kernel_only_on_one_cpu_device():
+    config = ml_collections.ConfigDict(
+        {
+            "model": {"name": "SmallBNConvNet", "native_input_conv": True, "bn_stats": "global"},
+            "data": {"batch_size": 128},
+        }
+    )
+    one = distributed.create_mesh({"data": 1}, devices=jax.devices()[:1])
+    eight = distributed.create_mesh({"data": -1})
+    assert train_lib._model_config(config, one).native_input_conv is True
+    assert train_lib._model_config(config, eight).native_input_conv is False
+
+
+def _python(code, **env):
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_opt_out_and_failed_build_fall_back(tmp_path):
+    code = "from jbn import native; print(native.available())"
+    assert _python(code, JBN_NO_NATIVE="1").stdout.strip() == "False"
+    # A compiler that fails: a warning that names the library, then XLA's path.
+    failed = _python(code, CXX="false", JBN_CACHE_DIR=str(tmp_path))
+    assert failed.stdout.strip() == "False"
+    assert "could not build or load" in failed.stderr
+    assert not list(tmp_path.rglob("*.so"))
