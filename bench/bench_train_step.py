@@ -3,10 +3,13 @@
 Batch 128 of 32x32x3, SGD(lr=0.1, momentum=0.9), cross-entropy; the same maths
 in every framework. Competitors run side by side in one process in interleaved
 rounds; the median images/s and the ratios to jbn are printed, plus the
-compiled temp memory of the jitted steps (``memory_analysis()``). The row
-"jbn, nn.Conv input layer" is jbn with ``flax.linen.Conv`` instead of
-`jbn.patch_conv.PatchConv` for the RGB input convolution. Both JAX steps are
-compiled with the options ``jbn.train_lib`` uses for its train step
+compiled temp memory of the jitted steps (``memory_analysis()``). "jbn" is
+the network as ``train.py`` runs it on one CPU device: its RGB input layer runs
+the compiled kernel of `jbn.native` (when a C++ compiler is there to build it).
+The rows "jbn, PatchConv input layer" and "jbn, nn.Conv input layer" run that
+layer as XLA's patches @ kernel (`jbn.patch_conv.PatchConv`) and as
+``flax.linen.Conv``. All JAX steps are compiled with the options
+``jbn.train_lib`` uses for its train step
 (`jbn.cpu_tuning.train_step_compiler_options`).
 
 On a GPU, PyTorch runs there too (`bench.timing.torch_device`).
@@ -113,8 +116,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--markdown", default=None, help="append a markdown table to this file")
     args = parser.parse_args()
-    jbn_run, jbn_compiled = jax_step(SmallBNConvNet())
-    # The same jbn network with nn.Conv as its input layer: what PatchConv brings.
+    # As train.py runs it on one device: the RGB layer natively on the CPU (jbn.native).
+    native = jax.default_backend() == "cpu"
+    jbn_run, jbn_compiled = jax_step(SmallBNConvNet(native_input_conv=native))
+    # The RGB layer as XLA's patches @ kernel (PatchConv), and as nn.Conv.
+    jbn_xla_run, jbn_xla_compiled = jax_step(SmallBNConvNet())
     jbn_conv_run, jbn_conv_compiled = jax_step(SmallBNConvNet(patch_conv_channels=0))
     flax_model = SmallBNConvNet(
         norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5),
@@ -122,7 +128,12 @@ def main():
         patch_conv_channels=0,
     )
     flax_run, flax_compiled = jax_step(flax_model)
-    funcs = {"jbn": jbn_run, "jbn, nn.Conv input layer": jbn_conv_run, "flax.linen": flax_run}
+    funcs = {
+        "jbn": jbn_run,
+        "jbn, PatchConv input layer": jbn_xla_run,
+        "jbn, nn.Conv input layer": jbn_conv_run,
+        "flax.linen": flax_run,
+    }
     for name, channels_last in (("torch NCHW", False), ("torch channels_last", True)):
         run = torch_step(channels_last)
         if run is not None:
@@ -139,6 +150,7 @@ def main():
         lines.append(f"| {name} | {ms:.2f} | {ips[name]:.0f} | {ips['jbn'] / ips[name]:.2f} |")
     compiled = {
         "jbn": jbn_compiled,
+        "jbn, PatchConv input layer": jbn_xla_compiled,
         "jbn, nn.Conv input layer": jbn_conv_compiled,
         "flax.linen": flax_compiled,
     }
