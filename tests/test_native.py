@@ -24,6 +24,9 @@ from jbn import distributed, native, train_lib
 from jbn.models import SmallBNConvNet
 from jbn.patch_conv import PatchConv
 
+# These check what happens on the CPU; on other platforms the XLA path runs.
+on_cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU lowering")
+
 SHAPES = [  # (N, H, W, C, O)
     (4, 8, 8, 3, 16),
     (2, 5, 12, 1, 8),
@@ -101,6 +104,7 @@ def _lowered_text(module, x):
     return jax.jit(module.apply).lower(variables, x).as_text()
 
 
+@on_cpu_only
 def test_patch_conv_uses_the_kernel_only_where_supported():
     x = jnp.ones((2, 8, 8, 3))
     assert "JbnConv3x3SmallForward" in _lowered_text(PatchConv(16, native=True), x)
@@ -131,6 +135,7 @@ def test_vmap_and_sharded_batch_give_the_same_values():
     np.testing.assert_allclose(jax.jit(native.conv3x3_small)(sharded_x, kernel), expected)
 
 
+@on_cpu_only
 def test_train_lib_keeps_the_kernel_only_on_one_cpu_device():
     config = ml_collections.ConfigDict(
         {
