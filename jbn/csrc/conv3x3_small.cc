@@ -189,8 +189,7 @@ ffi::Error CheckShape(const Shape& s) {
                   "outputs, and a width divisible by 4, or by 2 for 32 outputs)");
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, Array4 x,
-                       Array4 kernel, Result4 y) {
+ffi::Error ForwardImpl(ffi::ThreadPool pool, Array4 x, Array4 kernel, Result4 y) {
   const auto d = x.dimensions(), k = kernel.dimensions();
   const Shape s{int(d[0]), int(d[1]), int(d[2]), int(d[3]), int(k[3])};
   if (k[0] != 3 || k[1] != 3 || k[2] != d[3]) {
@@ -203,8 +202,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, Array4 x,
   return ffi::Error::Success();
 }
 
-ffi::Error KernelGradImpl(ffi::ThreadPool pool, Array4 x,
-                          Array4 dy, Result4 dkernel) {
+ffi::Error KernelGradImpl(ffi::ThreadPool pool, Array4 x, Array4 dy, Result4 dkernel) {
   const auto d = x.dimensions(), g = dy.dimensions();
   const Shape s{int(d[0]), int(d[1]), int(d[2]), int(d[3]), int(g[3])};
   if (g[0] != d[0] || g[1] != d[1] || g[2] != d[2]) {
@@ -217,17 +215,12 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, Array4 x,
   return ffi::Error::Success();
 }
 
+// The signature of both handlers: the thread pool, two 4-D arrays in, one out.
+auto TwoArraysToOne() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Array4>().Arg<Array4>().Ret<Array4>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnConv3x3SmallForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnConv3x3SmallKernelGrad, KernelGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnConv3x3SmallForward, ForwardImpl, TwoArraysToOne());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnConv3x3SmallKernelGrad, KernelGradImpl, TwoArraysToOne());
