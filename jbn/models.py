@@ -104,9 +104,8 @@ class SmallBNConvNet(nn.Module):
         """
         norm = self._norm_factory()
         for i, width in enumerate(self.widths):
-            conv_kwargs: dict[str, Any] = {}
             if x.shape[-1] <= self.patch_conv_channels:
-                conv, conv_kwargs["native"] = PatchConv, self.native_input_conv
+                conv = functools.partial(PatchConv, native=self.native_input_conv)
             else:
                 conv = nn.Conv
             x = conv(
@@ -116,7 +115,6 @@ class SmallBNConvNet(nn.Module):
                 use_bias=not self.use_batch_norm,
                 dtype=self.dtype,
                 name=f"conv{i}",
-                **conv_kwargs,
             )(x)
             if self.use_batch_norm:
                 x = norm(use_running_average=not train, name=f"bn{i}")(x)

@@ -8,7 +8,7 @@ patches @ kernel with XLA (`jbn.patch_conv`). Measured on SmallBNConvNet's train
 step: ``bench/bench_train_step.py``.
 
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX``,
-default ``g++``; a few seconds, once) against the XLA FFI headers that jaxlib
+default ``g++``; about 15 s, once) against the XLA FFI headers that jaxlib
 ships, and cached under the user cache directory (``$JBN_CACHE_DIR`` or
 ``pooch.os_cache("jbn")``), keyed by the source, jaxlib version and CPU. Without
 a compiler, or if the build fails (a warning says why), `available` is False
@@ -142,19 +142,6 @@ def supports(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype: Any) ->
     )
 
 
-def _xla_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return patch_conv_lib.patch_conv(x, kernel)
-
-
-def _xla_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
-    patches = patch_conv_lib.image_patches(x, (3, 3))
-    rows = patches.shape[0] * patches.shape[1] * patches.shape[2]
-    grad = lax.dot_general(
-        patches.reshape(rows, -1), dy.reshape(rows, -1), (((0,), (0,)), ((), ()))
-    )
-    return grad.reshape(3, 3, x.shape[-1], dy.shape[-1])
-
-
 def _native_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct((*x.shape[:3], kernel.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(x, kernel)
@@ -183,7 +170,7 @@ def conv3x3_small(x: jax.Array, kernel: jax.Array) -> jax.Array:
         ValueError: If `supports` is False for these shapes and dtype.
     """
     _check(x, kernel)
-    return lax.platform_dependent(x, kernel, cpu=_native_forward, default=_xla_forward)
+    return lax.platform_dependent(x, kernel, cpu=_native_forward, default=patch_conv_lib.patch_conv)
 
 
 def _check(x: jax.Array, kernel: jax.Array) -> None:
@@ -200,17 +187,13 @@ def _conv3x3_small_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, Any]
 
 def _conv3x3_small_bwd(residuals: Any, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, kernel = residuals
-    kernel_grad = lax.platform_dependent(x, dy, cpu=_native_kernel_grad, default=_xla_kernel_grad)
-    # The input gradient stays with XLA (an input layer's is unused and dropped).
-    x_grad = lax.conv_transpose(
-        dy,
-        kernel,
-        (1, 1),
-        "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        transpose_kernel=True,
+    # patch_conv's gradients, with the native kernel gradient on the CPU (where
+    # XLA then drops the unused patch matrix, and an input layer's x_grad).
+    x_grad, xla_kernel_grad = jax.vjp(patch_conv_lib.patch_conv, x, kernel)[1](dy)
+    kernel_grad = lax.platform_dependent(
+        x, dy, cpu=_native_kernel_grad, default=lambda x, dy: xla_kernel_grad
     )
-    return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
+    return x_grad, kernel_grad
 
 
 conv3x3_small.defvjp(_conv3x3_small_fwd, _conv3x3_small_bwd)
