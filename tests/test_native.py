@@ -92,8 +92,9 @@ def test_small_bn_conv_net_same_logits_and_gradients_as_xla_path():
     (ref_value, ref_logits), ref_grads = value_and_grad(variables["params"], SmallBNConvNet())
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    # Measured: at most 1.1e-6 of a leaf's largest entry.
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
         grads,
         ref_grads,
     )
