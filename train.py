@@ -1,4 +1,4 @@
-"""Trains SmallBNConvNet on CIFAR-10: flags -> jbn.train_lib.train_and_evaluate.
+"""Trains SmallBNConvNet on CIFAR-10: flags -> jbn.train.loop.train_and_evaluate.
 
 Usage::
 
@@ -23,7 +23,7 @@ cpu_tuning.reexec_tuned()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jbn import distributed  # noqa: E402
+from jbn.train import distributed  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "./workdir", "Directory for checkpoints and metrics.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -44,9 +44,9 @@ def main(argv: Sequence[str]) -> None:
     distributed.maybe_initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
-    from jbn import train_lib  # Imported after the distributed runtime is up.
+    from jbn.train import loop  # Imported after the distributed runtime is up.
 
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 global (statistics over the whole global batch: cross-device collectives in
 every BatchNorm layer) vs local (per-device statistics, no collective for
 them) vs ghost (virtual batches of 16), the jbn train step of the workbench
-(``jbn.train_lib.make_train_step``), batch 128, measured side by side in one
+(``jbn.loop.make_train_step``), batch 128, measured side by side in one
 process in interleaved rounds. The fake devices share this machine's cores,
 so the figure measures the extra work and synchronisation of the collectives,
 not a real interconnect.
@@ -28,7 +28,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import timing  # noqa: E402
-from jbn import distributed, train_lib  # noqa: E402
+from jbn.train import (
+    distributed,
+    loop,  # noqa: E402
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 128
@@ -38,8 +41,8 @@ def make_step(mode, virtual_batch_size, mesh):
     config = runpy.run_path(str(REPO / "configs" / "default.py"))["get_config"]()
     config.model.bn_stats = mode
     config.model.virtual_batch_size = virtual_batch_size
-    state = train_lib.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=390)
-    step = train_lib.make_train_step(config, mesh)
+    state = loop.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=390)
+    step = loop.make_train_step(config, mesh)
     rng = np.random.default_rng(0)
     batch = distributed.put_batch(
         {

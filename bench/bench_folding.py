@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from bench import timing
-from jbn.folding import fold_small_bn_convnet
 from jbn.models import SmallBNConvNet
+from jbn.tools.folding import fold_small_bn_convnet
 
 
 def _blocking(fn):

@@ -1,4 +1,4 @@
-"""Train step of SmallBNConvNet with jbn.pooling.max_pool vs flax.linen.max_pool.
+"""Train step of SmallBNConvNet with jbn.ops.pooling.max_pool vs flax.linen.max_pool.
 
 Runs both jitted train steps (batch 128, CIFAR-sized random data, augmentation
 on) side by side in one process, in interleaved rounds, and prints the median
@@ -18,9 +18,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jbn import distributed, train_lib
 from jbn.models import SmallBNConvNet
-from jbn.pooling import max_pool
+from jbn.ops.pooling import max_pool
+from jbn.train import distributed, loop
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 
@@ -30,9 +30,9 @@ def reduce_window_pool(x: jax.Array, window: int) -> jax.Array:
 
 
 def make_runner(pool, config, mesh, batch):
-    state = train_lib.create_train_state(config, jax.random.key(0), mesh)
+    state = loop.create_train_state(config, jax.random.key(0), mesh)
     state = state.replace(apply_fn=SmallBNConvNet(pool=pool).apply)
-    step = train_lib.make_train_step(config, mesh)
+    step = loop.make_train_step(config, mesh)
     rng = jax.random.key(1)
 
     def run(num_steps: int) -> float:

@@ -5,11 +5,11 @@ in every framework. Competitors run side by side in one process in interleaved
 rounds; the median images/s and the ratios to jbn are printed, plus the
 compiled temp memory of the jitted steps (``memory_analysis()``). "jbn" is
 the network as ``train.py`` runs it on one CPU device: its RGB input layer runs
-the compiled kernel of `jbn.native` (when a C++ compiler is there to build it).
+the compiled kernel of `jbn.ops.native` (when a C++ compiler is there to build it).
 The rows "jbn, PatchConv input layer" and "jbn, nn.Conv input layer" run that
-layer as XLA's patches @ kernel (`jbn.patch_conv.PatchConv`) and as
+layer as XLA's patches @ kernel (`jbn.ops.conv.PatchConv`) and as
 ``flax.linen.Conv``. All JAX steps are compiled with the options
-``jbn.train_lib`` uses for its train step
+``jbn.train.loop`` uses for its train step
 (`jbn.cpu_tuning.train_step_compiler_options`).
 
 On a GPU, PyTorch runs there too (`bench.timing.torch_device`).
@@ -62,7 +62,7 @@ def jax_step(model):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
-    # Compiled as jbn.train_lib compiles its train step (same options for jbn and flax).
+    # Compiled as jbn.train.loop compiles its train step (same options for jbn and flax).
     options = cpu_tuning.train_step_compiler_options(jax.default_backend())
     jitted = jax.jit(step, donate_argnums=0, compiler_options=options)
     compiled = jitted.lower(state, images, labels).compile()
@@ -116,7 +116,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--markdown", default=None, help="append a markdown table to this file")
     args = parser.parse_args()
-    # As train.py runs it on one device: the RGB layer natively on the CPU (jbn.native).
+    # As train.py runs it on one device: the RGB layer natively on the CPU (jbn.ops.native).
     native = jax.default_backend() == "cpu"
     jbn_run, jbn_compiled = jax_step(SmallBNConvNet(native_input_conv=native))
     # The RGB layer as XLA's patches @ kernel (PatchConv), and as nn.Conv.

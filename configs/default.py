@@ -26,9 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.bn_momentum = 0.9  # Flax decay convention; PyTorch momentum=0.1.
     config.model.bn_epsilon = 1e-5
     # Convolutions with at most this many input channels (the RGB input) run as
-    # jbn.patch_conv.PatchConv: same maths as nn.Conv, faster on XLA:CPU. 0: never.
+    # jbn.ops.conv.PatchConv: same maths as nn.Conv, faster on XLA:CPU. 0: never.
     config.model.patch_conv_channels = 4
-    # On one CPU device, run that RGB convolution with jbn.native's compiled
+    # On one CPU device, run that RGB convolution with jbn.ops.native's compiled
     # kernel (built with the C++ compiler on first use; XLA's path without one).
     config.model.native_input_conv = True
     # Which examples share BatchNorm statistics in training: "global" (the whole

@@ -1,7 +1,10 @@
 """jbn: Batch Normalization for JAX.
 
-The public names are loaded lazily (PEP 562), so ``import jbn.cpu_tuning``
-and other light submodules do not pull in JAX and Flax.
+The public API, re-exported from the layers below it (docs/architecture.md):
+the functional core (`jbn.core`) and the ``flax.linen`` modules (`jbn.linen`);
+``jbn.nnx``, ``jbn.models``, ``jbn.interop_torch`` and the other subpackages
+import on first use. Names load lazily (PEP 562), so ``import jbn.cpu_tuning``
+and other light modules do not pull in JAX and Flax.
 """
 
 import importlib
@@ -11,13 +14,16 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "BatchNorm": "jbn.linen",
-    "Moments": "jbn.functional",
-    "batch_norm": "jbn.functional",
-    "init_batch_stats": "jbn.functional",
-    "init_params": "jbn.functional",
-    "moments": "jbn.functional",
-    "normalize": "jbn.functional",
-    "update_running_stats": "jbn.functional",
+    "BatchRenorm": "jbn.linen",
+    "Moments": "jbn.core.normalization",
+    "batch_norm": "jbn.core.normalization",
+    "batch_renorm": "jbn.core.renorm",
+    "init_batch_stats": "jbn.core.normalization",
+    "init_params": "jbn.core.normalization",
+    "moments": "jbn.core.normalization",
+    "normalize": "jbn.core.normalization",
+    "renorm_clip_schedule": "jbn.core.renorm",
+    "update_running_stats": "jbn.core.normalization",
 }
 
 __all__ = sorted(_EXPORTS)

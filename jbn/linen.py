@@ -1,4 +1,9 @@
-"""``jbn.BatchNorm``: a ``flax.linen`` drop-in over the functional core."""
+"""``flax.linen`` modules over the functional core: ``BatchNorm`` and ``BatchRenorm``.
+
+``jbn.BatchNorm`` is a drop-in for ``flax.linen.BatchNorm``; ``jbn.BatchRenorm``
+(Ioffe 2017) has the same attributes and variables plus the clips ``r_max`` and
+``d_max`` (`jbn.core.renorm`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import dtypes, initializers
 
-from jbn import functional, validation
+from jbn.core import normalization, validation
+from jbn.core.renorm import ClipSchedule, batch_renorm
 
 Array = jax.Array
 Dtype = Any
@@ -22,10 +28,11 @@ class BatchNorm(nn.Module):
     Replacing ``flax.linen.BatchNorm`` with ``jbn.BatchNorm`` changes nothing
     else: same constructor and call arguments, the same ``params/{scale,bias}``
     and ``batch_stats/{mean,var}`` variables (checkpoints move both ways), the
-    same output dtype. What changes: the variance is computed in one pass *and*
-    stays accurate when ``|mean| >> std`` (``use_fast_variance`` is accepted for
-    compatibility; both settings give this variance), and the backward pass is
-    the closed form.
+    same output dtype. What changes: the variance is computed from the
+    deviations from the batch mean (two reductions, `jbn.core.statistics`), so
+    it stays accurate when ``|mean| >> std`` (``use_fast_variance`` is accepted
+    for compatibility; both settings give this variance), and the backward
+    pass is the closed form.
 
     The extras (all off by default):
       unbiased_running_var: store ``n / (n - 1) * var`` like PyTorch.
@@ -93,7 +100,7 @@ class BatchNorm(nn.Module):
         x = jnp.asarray(x)
         feature_axes, params, variables, dtype = declare_variables(self, x, self.track_count)
         stats = {key: variable.value for key, variable in variables.items()}
-        y, new_stats = functional.batch_norm(
+        y, new_stats = normalization.batch_norm(
             x,
             params or None,
             stats,
@@ -158,3 +165,96 @@ def store_running_stats(
     if training and not module.is_initializing():
         for key, variable in variables.items():
             variable.value = new_stats[key]
+
+
+class BatchRenorm(nn.Module):
+    """Batch Renormalization with the attributes and variables of ``jbn.BatchNorm``.
+
+    Variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var,count}``;
+    ``count`` (the number of training steps seen) is always tracked and drives
+    ``clip_schedule``. Ghost batches (``virtual_batch_size``) are not offered.
+
+    Attributes:
+      use_running_average: Normalize with the running statistics.
+      axis: Feature axis or axes.
+      momentum: Decay of the running statistics (Flax convention), or ``None``
+        for a cumulative average.
+      epsilon: Added to the variance.
+      dtype: Output dtype (default: inferred from the input and parameters).
+      param_dtype: Dtype of ``scale`` and ``bias``.
+      use_bias: Add a learned bias.
+      use_scale: Multiply by a learned scale.
+      bias_init: Initializer of the bias.
+      scale_init: Initializer of the scale.
+      axis_name: Mapped axis name(s) whose devices share statistics.
+      axis_index_groups: Groups of indices within ``axis_name``.
+      use_fast_variance: Accepted for compatibility with Flax.
+      force_float32_reductions: Keep the running statistics in float32.
+      unbiased_running_var: Store ``n / (n - 1) * var`` like PyTorch.
+      r_max: Clip of ``r`` (used when ``clip_schedule`` is ``None``).
+      d_max: Clip of ``d`` (used when ``clip_schedule`` is ``None``).
+      clip_schedule: ``step -> (r_max, d_max)``, e.g. ``functools.partial(
+        renorm_clip_schedule, warmup_steps=5000, ramp_steps=40000)``.
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = initializers.zeros
+    scale_init: Any = initializers.ones
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    unbiased_running_var: bool = False
+    r_max: float = 3.0
+    d_max: float = 5.0
+    clip_schedule: ClipSchedule | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
+        """Renormalizes ``x``; in training also updates ``batch_stats``.
+
+        Args:
+          x: Input.
+          use_running_average: Overrides the attribute of the same name.
+          mask: Boolean array broadcastable to ``x``: the elements that count.
+
+        Returns:
+          The normalized input.
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        x = jnp.asarray(x)
+        feature_axes, params, variables, dtype = declare_variables(self, x, with_count=True)
+        stats = {key: variable.value for key, variable in variables.items()}
+        if self.clip_schedule is None:
+            r_max, d_max = self.r_max, self.d_max
+        else:
+            r_max, d_max = self.clip_schedule(stats["count"])
+        y, new_stats = batch_renorm(
+            x,
+            params or None,
+            stats,
+            training=not use_running_average,
+            r_max=r_max,
+            d_max=d_max,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=feature_axes,
+            axis_name=None if self.is_initializing() else self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            unbiased_running_var=self.unbiased_running_var,
+            dtype=dtype,
+        )
+        store_running_stats(self, variables, new_stats, training=not use_running_average)
+        return y

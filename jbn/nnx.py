@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from jbn import functional
+from jbn.core import normalization
 
 __all__ = ["BatchNorm"]
 
@@ -40,9 +40,10 @@ _ONES = initializers.ones_init()
 class BatchNorm(nnx.Module):
     """BatchNorm with the arguments, defaults and variables of ``flax.nnx.BatchNorm``.
 
-    Normalization runs through :func:`jbn.batch_norm` (one-pass variance that
-    stays accurate when ``|mean| >> std``, closed-form backward pass, masks,
-    named axes); the running statistics stay float32.
+    Normalization runs through :func:`jbn.batch_norm` (a variance from the
+    deviations from the batch mean, accurate when ``|mean| >> std``,
+    closed-form backward pass, masks, named axes); the running statistics stay
+    float32.
 
     Args:
       num_features: Number of input features.
@@ -60,7 +61,7 @@ class BatchNorm(nnx.Module):
       axis_name: Mapped axis name(s) whose devices share statistics.
       axis_index_groups: Groups of indices within ``axis_name``.
       use_fast_variance: Accepted for compatibility (the variance is always
-        the accurate one-pass one).
+        the accurate one of `jbn.core.statistics`).
       promote_dtype: ``promote_dtype((x, mean, var, scale, bias), dtype=...)``
         as in ``flax.nnx.BatchNorm``; decides the computation/output dtype.
       rngs: Random number generators for the initializers.
@@ -165,7 +166,7 @@ class BatchNorm(nnx.Module):
         stats = {"mean": self.mean[...], "var": self.var[...]}
         if self.count is not None:
             stats["count"] = self.count[...]
-        y, new_stats = functional.batch_norm(
+        y, new_stats = normalization.batch_norm(
             x,
             params or None,
             stats,

@@ -1,4 +1,4 @@
-"""Tests for jbn.data: loading, download, batching, prefetch and augmentation."""
+"""Tests for jbn.train.data: loading, download, batching, prefetch and augmentation."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import write_cifar10_dir
 
-from jbn import data
+from jbn.train import data
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_CIFAR_DIRS = [

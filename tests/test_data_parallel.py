@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from jbn import data, distributed, train_lib
 from jbn.models import make_model
+from jbn.train import data, distributed, loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -33,8 +33,8 @@ def _config(data_dir, **model):
 
 
 def _step(config, mesh, batch):
-    state = train_lib.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=10)
-    step = train_lib.make_train_step(config, mesh)
+    state = loop.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=10)
+    step = loop.make_train_step(config, mesh)
     new_state, metrics = step(state, distributed.put_batch(batch, mesh), jax.random.key(1))
     return jax.device_get((new_state.params, new_state.batch_stats, metrics["loss"]))
 
@@ -62,7 +62,7 @@ def _by_hand(config, batch, group_size):
     one = distributed.create_mesh({"data": 1}, devices=jax.devices()[:1])
     global_config = _config(config.data.data_dir)
     global_config.data.augment = False
-    state = train_lib.create_train_state(global_config, jax.random.key(0), one, steps_per_epoch=10)
+    state = loop.create_train_state(global_config, jax.random.key(0), one, steps_per_epoch=10)
     model = make_model(global_config.model)
     images = data.preprocess(jnp.asarray(batch["image"]))
     labels = jnp.asarray(batch["label"])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jbn
-from jbn.folding import fold_into_conv, fold_into_dense, fold_small_bn_convnet
 from jbn.models import SmallBNConvNet
+from jbn.tools.folding import fold_into_conv, fold_into_dense, fold_small_bn_convnet
 
 ATOL = 1e-5
 

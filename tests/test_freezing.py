@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from jbn.freezing import batch_norm_param_mask, freeze_batch_norm_params, frozen_batch_norm
 from jbn.models import SmallBNConvNet
+from jbn.tools.freezing import batch_norm_param_mask, freeze_batch_norm_params, frozen_batch_norm
 
 
 def _data():

@@ -1,6 +1,6 @@
 """Two processes on 127.0.0.1 (2 fake CPU devices each, gloo) run train.py.
 
-Both processes must finish with identical params and batch stats (train_lib
+Both processes must finish with identical params and batch stats (jbn.train.loop
 checks with multihost_utils.assert_equal and exits non-zero otherwise), equal
 to a 1-process run on 4 devices within 1e-5, including across a resume from
 a checkpoint written by both processes. Every process is killed on failure.
@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from jbn import distributed, train_lib
-from jbn.checkpoint import Checkpointer
+from jbn.train import distributed, loop
+from jbn.train.checkpoint import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -89,8 +89,8 @@ def _restore(workdir, data_dir):
     config.data.data_dir = str(data_dir)
     config.num_epochs = 1
     mesh = distributed.create_mesh({"data": 1}, devices=jax.devices()[:1])
-    target = train_lib.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=10)
-    with Checkpointer(pathlib.Path(workdir) / train_lib.CHECKPOINT_DIR) as ckpt:
+    target = loop.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=10)
+    with Checkpointer(pathlib.Path(workdir) / loop.CHECKPOINT_DIR) as ckpt:
         state, step = ckpt.restore_latest(target)
     return step, jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 

@@ -1,7 +1,7 @@
-"""Tests for jbn.native (the compiled CPU kernel of the RGB input convolution).
+"""Tests for jbn.ops.native (the compiled CPU kernel of the RGB input convolution).
 
 References: a float64 NumPy convolution and its hand-written gradients, and
-jbn.patch_conv (XLA's path) in SmallBNConvNet. Tolerances: relative to the
+jbn.ops.patch_conv (XLA's path) in SmallBNConvNet. Tolerances: relative to the
 largest entry of each reference, 1e-6 for the forward pass and 1e-5 for the
 kernel gradient (a sum over every pixel of the batch).
 
@@ -20,9 +20,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jbn import distributed, native, train_lib
 from jbn.models import SmallBNConvNet
-from jbn.patch_conv import PatchConv
+from jbn.ops import native
+from jbn.ops.conv import PatchConv
+from jbn.train import distributed, loop
 
 # These check what happens on the CPU; on other platforms the XLA path runs.
 on_cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU lowering")
@@ -38,7 +39,7 @@ SHAPES = [  # (N, H, W, C, O)
 @pytest.fixture(scope="module", autouse=True)
 def built():
     if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler: jbn.native uses XLA's convolution instead")
+        pytest.skip("no C++ compiler: jbn.ops.native uses XLA's convolution instead")
     assert native.available(), "a C++ compiler is present but the native kernel did not build"
 
 
@@ -137,7 +138,7 @@ def test_vmap_and_sharded_batch_give_the_same_values():
 
 
 @on_cpu_only
-def test_train_lib_keeps_the_kernel_only_on_one_cpu_device():
+def test_train_loop_keeps_the_kernel_only_on_one_cpu_device():
     config = ml_collections.ConfigDict(
         {
             "model": {"name": "SmallBNConvNet", "native_input_conv": True, "bn_stats": "global"},
@@ -146,8 +147,8 @@ def test_train_lib_keeps_the_kernel_only_on_one_cpu_device():
     )
     one = distributed.create_mesh({"data": 1}, devices=jax.devices()[:1])
     eight = distributed.create_mesh({"data": -1})
-    assert train_lib._model_config(config, one).native_input_conv is True
-    assert train_lib._model_config(config, eight).native_input_conv is False
+    assert loop._model_config(config, one).native_input_conv is True
+    assert loop._model_config(config, eight).native_input_conv is False
 
 
 def _python(code, **env):
@@ -163,7 +164,7 @@ def _python(code, **env):
 
 
 def test_opt_out_and_failed_build_fall_back(tmp_path):
-    code = "from jbn import native; print(native.available())"
+    code = "from jbn.ops import native; print(native.available())"
     assert _python(code, JBN_NO_NATIVE="1").stdout.strip() == "False"
     # A compiler that fails: a warning that names the library, then XLA's path.
     failed = _python(code, CXX="false", JBN_CACHE_DIR=str(tmp_path))

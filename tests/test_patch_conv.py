@@ -1,4 +1,4 @@
-"""Tests for jbn.patch_conv against a float64 NumPy convolution and lax.conv_general_dilated."""
+"""Tests for jbn.ops.patch_conv against a float64 NumPy convolution and lax.conv_general_dilated."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +8,8 @@ import pytest
 from jax import lax
 
 from jbn.models import SmallBNConvNet
-from jbn.patch_conv import PatchConv, image_patches, patch_conv
+from jbn.ops.conv import PatchConv
+from jbn.ops.patch_conv import image_patches, patch_conv
 
 KERNEL_SIZES = [(3, 3), (1, 1), (5, 3), (2, 2)]
 

@@ -1,4 +1,4 @@
-"""Tests for jbn.pooling.max_pool against flax.linen.max_pool (reduce_window)."""
+"""Tests for jbn.ops.pooling.max_pool against flax.linen.max_pool (reduce_window)."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbn.pooling import max_pool
+from jbn.ops.pooling import max_pool
 
 
 def _reference(x, k):

@@ -10,7 +10,7 @@ import pytest
 
 import jbn
 from jbn.models import SmallBNConvNet
-from jbn.recalibration import batch_norm_moments, recalibrate_batch_stats
+from jbn.tools.recalibration import batch_norm_moments, recalibrate_batch_stats
 
 MODEL = SmallBNConvNet(widths=(4, 8))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jbn
-from jbn.renorm import BatchRenorm, batch_renorm, renorm_clip_schedule
+from jbn import BatchRenorm, batch_renorm, renorm_clip_schedule
 
 ATOL = 1e-5
 EPS = 1e-3

@@ -9,7 +9,8 @@ import sys
 import ml_collections
 import pytest
 
-from jbn import report, run_log, sweep, train_lib
+from jbn.experiments import report, sweep
+from jbn.train import loop, run_log
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +38,7 @@ def test_runs_variants_records_divergence_and_skips_finished(cifar_fixture_dir, 
 
     def counting(cfg, workdir):
         calls.append(workdir.name)
-        return train_lib.train_and_evaluate(cfg, workdir)
+        return loop.train_and_evaluate(cfg, workdir)
 
     results = sweep.run_sweep(config, tmp_path, train_fn=counting)
     assert calls == ["bn", "huge_lr"]

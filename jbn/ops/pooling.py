@@ -14,7 +14,7 @@ small reductions (no transposes, no scatter), so it fuses well.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from jbn.pooling import max_pool
+    >>> from jbn.ops.pooling import max_pool
     >>> max_pool(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)[..., 0]
     Array([[[ 5.,  7.],
             [13., 15.]]], dtype=float32)

@@ -4,7 +4,7 @@
 channels into 8, 16 or 32 outputs (NHWC, HWIO, float32). On the CPU its
 forward pass and kernel gradient run `csrc/conv3x3_small.cc`; on other
 platforms, and wherever the kernel is unavailable, the same function computes
-patches @ kernel with XLA (`jbn.patch_conv`). Measured on SmallBNConvNet's train
+patches @ kernel with XLA (`jbn.ops.patch_conv`). Measured on SmallBNConvNet's train
 step: ``bench/bench_train_step.py``.
 
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX``,
@@ -16,7 +16,7 @@ and callers use XLA's path. Set ``JBN_NO_NATIVE=1`` to never build or use it.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from jbn import native
+    >>> from jbn.ops import native
     >>> x, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
     >>> native.conv3x3_small(x, k).shape
     (2, 8, 8, 16)
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import pooch
 from jax import lax
 
-from jbn import patch_conv as patch_conv_lib
+from jbn.ops import patch_conv as patch_conv_lib
 
 __all__ = ["OPT_OUT_ENV", "available", "conv3x3_small", "supports"]
 
@@ -106,7 +106,7 @@ def _load() -> bool:
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         warnings.warn(
-            f"jbn.native: could not build or load {library} ({detail.strip()[-500:]}); "
+            f"jbn.ops.native: could not build or load {library} ({detail.strip()[-500:]}); "
             "using XLA's convolution instead.",
             RuntimeWarning,
             stacklevel=3,
@@ -156,7 +156,7 @@ def _native_kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
 def conv3x3_small(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 ``SAME`` 3x3 convolution (NHWC, HWIO), natively on the CPU.
 
-    Equals ``jbn.patch_conv.patch_conv(x, kernel)`` up to float rounding, in
+    Equals ``jbn.ops.patch_conv.patch_conv(x, kernel)`` up to float rounding, in
     value and in both gradients (reverse mode only), on every platform.
 
     Args:
@@ -177,7 +177,7 @@ def _check(x: jax.Array, kernel: jax.Array) -> None:
     if not supports(x.shape, kernel.shape, jnp.result_type(x, kernel)):
         raise ValueError(
             f"conv3x3_small: unsupported x {x.shape} / kernel {kernel.shape} "
-            f"({jnp.result_type(x, kernel)}) or no native kernel; check jbn.native.supports first."
+            f"({jnp.result_type(x, kernel)}) or no native kernel; check jbn.ops.native.supports first."
         )
 
 

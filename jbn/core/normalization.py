@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import running_stats, statistics, validation
-from jbn.running_stats import init_batch_stats, update_running_stats
-from jbn.statistics import Moments, moments
+from jbn.core import running_stats, statistics, validation
+from jbn.core.running_stats import init_batch_stats, update_running_stats
+from jbn.core.statistics import Moments, moments
 
 Array = jax.Array
 Axes = int | Sequence[int]

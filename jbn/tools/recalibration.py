@@ -23,7 +23,7 @@ Layers with ``unbiased_running_var=True`` get ``N / (N - 1) * var``.
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from jbn.models import SmallBNConvNet
-  >>> from jbn.recalibration import recalibrate_batch_stats
+  >>> from jbn.tools.recalibration import recalibrate_batch_stats
   >>> model = SmallBNConvNet(widths=(4,))
   >>> x = jnp.ones((2, 8, 8, 3))
   >>> variables = model.init(jax.random.key(0), x, train=False)
@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbn import functional
-from jbn.linen import BatchNorm
+from jbn.core import normalization
+from jbn.linen import BatchNorm, BatchRenorm
 
 __all__ = ["batch_norm_moments", "recalibrate_batch_stats"]
 
@@ -53,8 +53,6 @@ ApplyFn = Callable[[Variables, Any], Any]
 
 
 def _default_is_norm(module: nn.Module) -> bool:
-    from jbn.renorm import BatchRenorm  # Local import: renorm builds on this package.
-
     return isinstance(module, (BatchNorm, BatchRenorm, nn.BatchNorm))
 
 
@@ -64,7 +62,7 @@ def batch_norm_moments(
     batch: Any,
     *,
     is_norm: Callable[[nn.Module], bool] | None = None,
-) -> dict[tuple[str, ...], functional.Moments]:
+) -> dict[tuple[str, ...], normalization.Moments]:
     """Runs ``apply_fn(variables, batch)`` and returns each norm layer's input moments.
 
     Args:
@@ -82,7 +80,7 @@ def batch_norm_moments(
       ValueError: If a layer is called more than once.
     """
     is_norm = is_norm or _default_is_norm
-    recorded: dict[tuple[str, ...], functional.Moments] = {}
+    recorded: dict[tuple[str, ...], normalization.Moments] = {}
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -90,7 +88,7 @@ def batch_norm_moments(
             path = tuple(module.path)
             if path in recorded:
                 raise ValueError(f"BatchNorm layer {'/'.join(path)} is called more than once")
-            recorded[path] = functional.moments(
+            recorded[path] = normalization.moments(
                 jax.lax.stop_gradient(args[0]), axis=module.axis, mask=kwargs.get("mask")
             )
         return next_fun(*args, **kwargs)

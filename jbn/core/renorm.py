@@ -1,4 +1,4 @@
-"""Batch Renormalization (Ioffe 2017): functional core, clip schedule, linen module.
+"""Batch Renormalization (Ioffe 2017): the functional form and the clip schedule.
 
 In training, with batch moments ``mu_B, sigma_B`` and running ``mu, sigma``
 (``sigma = sqrt(var + epsilon)``)::
@@ -23,7 +23,7 @@ Running statistics: the same ``mean``/``var`` exponential moving averages as
 Example:
   >>> import jax.numpy as jnp
   >>> import jbn
-  >>> from jbn.renorm import batch_renorm
+  >>> from jbn.core.renorm import batch_renorm
   >>> x = jnp.arange(8.0).reshape(4, 2)
   >>> y, stats = batch_renorm(x, jbn.init_params(2), jbn.init_batch_stats(2),
   ...                         training=True, r_max=1.0, d_max=0.0)
@@ -38,14 +38,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from flax.linen import initializers
 from jax import lax
 
-from jbn import functional, validation
-from jbn.linen import declare_variables, store_running_stats
+from jbn.core import normalization, validation
 
-__all__ = ["BatchRenorm", "batch_renorm", "renorm_clip_schedule", "renorm_corrections"]
+__all__ = ["batch_renorm", "renorm_clip_schedule", "renorm_corrections"]
 
 Array = jax.Array
 ClipSchedule = Callable[[Array], tuple[Array, Array]]
@@ -59,8 +56,8 @@ def _check_clips(r_max: Any, d_max: Any) -> None:
 
 
 def renorm_corrections(
-    batch: functional.Moments,
-    stats: functional.BatchStats,
+    batch: normalization.Moments,
+    stats: normalization.BatchStats,
     *,
     r_max: float | Array,
     d_max: float | Array,
@@ -84,15 +81,15 @@ def renorm_corrections(
 
 def batch_renorm(
     x: Array,
-    params: functional.Params | None,
-    stats: functional.BatchStats,
+    params: normalization.Params | None,
+    stats: normalization.BatchStats,
     *,
     training: bool,
     r_max: float | Array,
     d_max: float | Array,
     momentum: float | None = 0.99,
     epsilon: float = 1e-5,
-    axis: functional.Axes = -1,
+    axis: normalization.Axes = -1,
     axis_name: Any = None,
     axis_index_groups: Any = None,
     mask: Array | None = None,
@@ -138,9 +135,9 @@ def batch_renorm(
         dtype=dtype,
     )
     if not training:
-        return functional.batch_norm(x, params, stats, training=False, **kwargs)
+        return normalization.batch_norm(x, params, stats, training=False, **kwargs)
     feature_axes = validation.canonical_axes(x.ndim, axis)
-    batch = functional.moments(
+    batch = normalization.moments(
         lax.stop_gradient(x),
         axis=feature_axes,
         mask=mask,
@@ -154,7 +151,9 @@ def batch_renorm(
     bias = d if params.get("scale") is None else params["scale"] * d
     if params.get("bias") is not None:
         bias = bias + params["bias"]
-    return functional.batch_norm(x, {"scale": scale, "bias": bias}, stats, training=True, **kwargs)
+    return normalization.batch_norm(
+        x, {"scale": scale, "bias": bias}, stats, training=True, **kwargs
+    )
 
 
 def renorm_clip_schedule(
@@ -195,96 +194,3 @@ def renorm_clip_schedule(
     r_max = 1.0 + (r_max_final - 1.0) * progress(ramp_steps)
     d_max = d_max_final * progress(d_steps)
     return r_max, d_max
-
-
-class BatchRenorm(nn.Module):
-    """Batch Renormalization with the attributes and variables of ``jbn.BatchNorm``.
-
-    Variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var,count}``;
-    ``count`` (the number of training steps seen) is always tracked and drives
-    ``clip_schedule``. Ghost batches (``virtual_batch_size``) are not offered.
-
-    Attributes:
-      use_running_average: Normalize with the running statistics.
-      axis: Feature axis or axes.
-      momentum: Decay of the running statistics (Flax convention), or ``None``
-        for a cumulative average.
-      epsilon: Added to the variance.
-      dtype: Output dtype (default: inferred from the input and parameters).
-      param_dtype: Dtype of ``scale`` and ``bias``.
-      use_bias: Add a learned bias.
-      use_scale: Multiply by a learned scale.
-      bias_init: Initializer of the bias.
-      scale_init: Initializer of the scale.
-      axis_name: Mapped axis name(s) whose devices share statistics.
-      axis_index_groups: Groups of indices within ``axis_name``.
-      use_fast_variance: Accepted for compatibility with Flax.
-      force_float32_reductions: Keep the running statistics in float32.
-      unbiased_running_var: Store ``n / (n - 1) * var`` like PyTorch.
-      r_max: Clip of ``r`` (used when ``clip_schedule`` is ``None``).
-      d_max: Clip of ``d`` (used when ``clip_schedule`` is ``None``).
-      clip_schedule: ``step -> (r_max, d_max)``, e.g. ``functools.partial(
-        renorm_clip_schedule, warmup_steps=5000, ramp_steps=40000)``.
-    """
-
-    use_running_average: bool | None = None
-    axis: int | tuple[int, ...] = -1
-    momentum: float | None = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Any = initializers.zeros
-    scale_init: Any = initializers.ones
-    axis_name: str | tuple[str, ...] | None = None
-    axis_index_groups: Any = None
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
-    unbiased_running_var: bool = False
-    r_max: float = 3.0
-    d_max: float = 5.0
-    clip_schedule: ClipSchedule | None = None
-
-    @nn.compact
-    def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
-        """Renormalizes ``x``; in training also updates ``batch_stats``.
-
-        Args:
-          x: Input.
-          use_running_average: Overrides the attribute of the same name.
-          mask: Boolean array broadcastable to ``x``: the elements that count.
-
-        Returns:
-          The normalized input.
-        """
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        x = jnp.asarray(x)
-        feature_axes, params, variables, dtype = declare_variables(self, x, with_count=True)
-        stats = {key: variable.value for key, variable in variables.items()}
-        if self.clip_schedule is None:
-            r_max, d_max = self.r_max, self.d_max
-        else:
-            r_max, d_max = self.clip_schedule(stats["count"])
-        y, new_stats = batch_renorm(
-            x,
-            params or None,
-            stats,
-            training=not use_running_average,
-            r_max=r_max,
-            d_max=d_max,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis=feature_axes,
-            axis_name=None if self.is_initializing() else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            unbiased_running_var=self.unbiased_running_var,
-            dtype=dtype,
-        )
-        store_running_stats(self, variables, new_stats, training=not use_running_average)
-        return y

@@ -10,7 +10,7 @@ network computes the same eval outputs without the normalization pass.
 Example:
   >>> import jax.numpy as jnp
   >>> import jbn
-  >>> from jbn.folding import fold_into_dense
+  >>> from jbn.tools.folding import fold_into_dense
   >>> kernel, stats = jnp.ones((3, 2)), {"mean": jnp.ones(2), "var": jnp.full(2, 4.0)}
   >>> k, b = fold_into_dense(kernel, None, jbn.init_params(2), stats, epsilon=0.0)
   >>> k[0].tolist(), b.tolist()

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn.statistics import Moments
+from jbn.core.statistics import Moments
 
 Array = jax.Array
 BatchStats = Mapping[str, Array]  # {"mean": (C,), "var": (C,)}, optional "count": ()

@@ -33,10 +33,10 @@ from flax.training import train_state
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jbn import cpu_tuning, data, distributed, run_log
-from jbn.checkpoint import Checkpointer
 from jbn.models import make_model
-from jbn.optim import make_optimizer, make_schedule
+from jbn.train import cpu_tuning, data, distributed, run_log
+from jbn.train.checkpoint import Checkpointer
+from jbn.train.optim import make_optimizer, make_schedule
 
 __all__ = [
     "TrainState",
@@ -139,7 +139,7 @@ def train_step(
         state: Current state (donated by `make_train_step`).
         batch: ``dict(image=uint8 [B, 32, 32, 3], label=int32 [B])``.
         rng: Run-level PRNG key; the step's key is ``fold_in(rng, state.step)``.
-        augment: Random crop + flip (``jbn.data.augment``) before normalising.
+        augment: Random crop + flip (``jbn.train.data.augment``) before normalising.
 
     Returns:
         The new state and ``dict(loss, accuracy, finite)``, where ``finite`` is
@@ -275,7 +275,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
             a re-run with the same workdir resumes from the latest checkpoint.
 
     Returns:
-        The last metrics record (see `jbn.run_log`).
+        The last metrics record (see `jbn.train.run_log`).
 
     Raises:
         FloatingPointError: If a train step produces a non-finite loss or parameters.
@@ -396,7 +396,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
 
 def _finish(workdir: pathlib.Path, record: dict[str, Any], wall: float) -> None:
     """Writes the learning curves and prints the summary line."""
-    from jbn import plot  # Imported late: matplotlib is only needed here.
+    from jbn.train import plot  # Imported late: matplotlib is only needed here.
 
     curves = workdir / CURVES_FILE
     if run_log.read(workdir):

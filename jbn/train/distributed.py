@@ -131,7 +131,7 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
     """Assembles this process's slice of a global batch into global ``jax.Array`` s.
 
     Works for one and for many processes: each process passes the rows it
-    loaded (``jbn.data.train_batches(..., process_index, process_count)``) and
+    loaded (``jbn.train.data.train_batches(..., process_index, process_count)``) and
     the global batch is ``process_count`` times larger along axis 0.
 
     Args:

@@ -55,7 +55,7 @@ SHAPES_AND_AXES = [
 def test_training_matches_float64_reference(shape, axis):
     rng = np.random.default_rng(0)
     x = rng.normal(2.0, 3.0, shape).astype(np.float32)
-    feature_axes = jbn.validation.canonical_axes(len(shape), axis)
+    feature_axes = jbn.core.validation.canonical_axes(len(shape), axis)
     fshape = tuple(shape[a] for a in feature_axes)
     params = {
         "scale": rng.normal(size=fshape).astype(np.float32),
@@ -374,7 +374,9 @@ def test_saves_at_most_one_full_size_residual():
     with contextlib.redirect_stdout(out):
         jax.ad_checkpoint.print_saved_residuals(f, x, params)
     full = [line for line in out.getvalue().splitlines() if re.match(r"f32\[8,6,6,4\]", line)]
-    bn_full = [line for line in full if "jbn/functional.py" in line or "from the argument" in line]
+    bn_full = [
+        line for line in full if "jbn/core/normalization.py" in line or "from the argument" in line
+    ]
     assert len(bn_full) <= 1, out.getvalue()
 
 

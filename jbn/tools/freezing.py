@@ -15,7 +15,7 @@ Two independent pieces:
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
-  >>> from jbn.freezing import freeze_batch_norm_params, frozen_batch_norm
+  >>> from jbn.tools.freezing import freeze_batch_norm_params, frozen_batch_norm
   >>> from jbn.models import SmallBNConvNet
   >>> model = SmallBNConvNet(widths=(4,), norm=frozen_batch_norm(momentum=0.9))
   >>> variables = model.init(jax.random.key(0), jnp.ones((2, 8, 8, 3)), train=False)

@@ -8,7 +8,7 @@
 // kernels for this shape go through an im2col patch matrix (27 columns for RGB)
 // and a matrix product with a tiny output; these loop over the images instead,
 // keep the O outputs in 8-wide vector registers, and split the batch over XLA's
-// intra-op thread pool. Built and registered by jbn/native.py.
+// intra-op thread pool. Built and registered by jbn/ops/native.py.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>

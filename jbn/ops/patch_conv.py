@@ -8,15 +8,13 @@ gradient. Written as ``patches @ kernel`` the same convolution is one
 matrix product for the forward pass and one for the kernel gradient, and the
 patch matrix built for the forward pass is the residual of the backward pass.
 
-`PatchConv` is a drop-in for ``flax.linen.Conv`` in that case (same variable
-tree: ``kernel`` of shape ``(kh, kw, in, out)``, optional ``bias``); use it
-where it measures faster (``bench/bench_train_step.py``). The gradient is a
-custom VJP: reverse mode (``jax.grad``, ``jax.vjp``) works, forward mode
-(``jax.jvp``) does not.
+`jbn.ops.conv.PatchConv` is the ``flax.linen.Conv`` drop-in built on it. The
+gradient is a custom VJP: reverse mode (``jax.grad``, ``jax.vjp``) works,
+forward mode (``jax.jvp``) does not.
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> from jbn.patch_conv import patch_conv
+    >>> from jbn.ops.patch_conv import patch_conv
     >>> x, k = jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 8))
     >>> patch_conv(x, k).shape
     (1, 4, 4, 8)
@@ -24,15 +22,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["PatchConv", "image_patches", "patch_conv"]
+__all__ = ["image_patches", "patch_conv"]
 
 
 def image_patches(x: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
@@ -119,53 +115,3 @@ def _patch_conv_bwd(residuals: Any, g: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 patch_conv.defvjp(_patch_conv_fwd, _patch_conv_bwd)
-
-
-class PatchConv(nn.Module):
-    """``flax.linen.Conv`` (stride 1, ``SAME``, NHWC) computed with `patch_conv`.
-
-    Attributes:
-        features: Number of output channels.
-        kernel_size: Spatial size of the kernel.
-        padding: Only ``"SAME"`` (accepted for ``nn.Conv`` compatibility).
-        use_bias: Add a learned bias.
-        dtype: Computation dtype (default: inferred from input and params).
-        param_dtype: Dtype of the parameters.
-        kernel_init: Initializer of the kernel (flax's default).
-        bias_init: Initializer of the bias.
-        native: On the CPU, run 3x3 kernels with 1-4 input and 8, 16 or 32
-            output channels as `jbn.native.conv3x3_small` (a compiled kernel)
-            where `jbn.native.supports` them; XLA's patches elsewhere. Its
-            custom call is not split by sharding: use it on one device.
-    """
-
-    features: int
-    kernel_size: Sequence[int] = (3, 3)
-    padding: str = "SAME"
-    use_bias: bool = True
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    kernel_init: Callable[..., jax.Array] = nn.linear.default_kernel_init
-    bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
-    native: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Convolves ``x`` of shape ``(N, H, W, C)``; returns ``(N, H, W, features)``."""
-        if self.padding != "SAME":
-            raise ValueError(f"PatchConv supports padding='SAME' only, got {self.padding!r}.")
-        kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        from jbn import native  # Here: jbn.native builds on this module.
-
-        if self.native and native.supports(x.shape, kernel.shape, x.dtype):
-            y = native.conv3x3_small(x, kernel)
-        else:
-            y = patch_conv(x, kernel)
-        return y if bias is None else y + bias

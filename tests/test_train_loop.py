@@ -1,4 +1,4 @@
-"""Tests for jbn.train_lib, train.py and jbn.plot on the tiny CIFAR-format fixture."""
+"""Tests for jbn.train.loop, train.py and jbn.plot on the tiny CIFAR-format fixture."""
 
 import json
 import pathlib
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jbn import data, distributed, plot, run_log, train_lib
-from jbn.checkpoint import Checkpointer
+from jbn.train import data, distributed, loop, plot, run_log
+from jbn.train.checkpoint import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,9 +52,9 @@ def _assert_trees_equal(a, b):
 
 def test_train_step_updates_and_eval_step_mutates_nothing(tiny, mesh, cifar_fixture_dir):
     dataset = data.load_cifar10(cifar_fixture_dir, download=False)
-    state = train_lib.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
+    state = loop.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
     before = jax.device_get(state)
-    step = train_lib.make_train_step(tiny, mesh)
+    step = loop.make_train_step(tiny, mesh)
     state, metrics = step(state, _batch(dataset, 32, mesh), jax.random.key(1))
     assert np.isfinite(metrics["loss"]) and bool(metrics["finite"])
     assert 0.0 <= float(metrics["accuracy"]) <= 1.0
@@ -62,7 +62,7 @@ def test_train_step_updates_and_eval_step_mutates_nothing(tiny, mesh, cifar_fixt
     for key in ("bn0", "bn1"):
         assert not np.allclose(state.batch_stats[key]["mean"], before.batch_stats[key]["mean"])
     after_train = jax.device_get(state)
-    sums = train_lib.make_eval_step(mesh)(state, _batch(dataset, 16, mesh, mask=True))
+    sums = loop.make_eval_step(mesh)(state, _batch(dataset, 16, mesh, mask=True))
     assert float(sums["count"]) == 16.0 and np.isfinite(sums["loss_sum"])
     _assert_trees_equal(state, after_train)
 
@@ -77,12 +77,12 @@ def test_no_retracing_after_first_step(tiny, mesh, cifar_fixture_dir, monkeypatc
 
         return wrapper
 
-    monkeypatch.setattr(train_lib, "train_step", counting("train", train_lib.train_step))
-    monkeypatch.setattr(train_lib, "eval_step", counting("eval", train_lib.eval_step))
+    monkeypatch.setattr(loop, "train_step", counting("train", loop.train_step))
+    monkeypatch.setattr(loop, "eval_step", counting("eval", loop.eval_step))
     dataset = data.load_cifar10(cifar_fixture_dir, download=False)
-    state = train_lib.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
-    step = train_lib.make_train_step(tiny, mesh)
-    evaluate = train_lib.make_eval_step(mesh)
+    state = loop.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
+    step = loop.make_train_step(tiny, mesh)
+    evaluate = loop.make_eval_step(mesh)
     for i in range(4):
         state, _ = step(state, _batch(dataset, 32, mesh), jax.random.key(i))
         evaluate(state, _batch(dataset, 16, mesh, mask=True))
@@ -93,10 +93,10 @@ def test_no_retracing_after_first_step(tiny, mesh, cifar_fixture_dir, monkeypatc
 def test_no_bn_state_has_no_batch_stats(mesh, cifar_fixture_dir):
     config = _config("no_bn.py", **{"model.widths": (4, 8), "data.batch_size": 32})
     dataset = data.load_cifar10(cifar_fixture_dir, download=False)
-    state = train_lib.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=10)
+    state = loop.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=10)
     assert state.batch_stats == {}
     assert set(state.params["conv0"]) == {"kernel", "bias"}
-    state, metrics = train_lib.make_train_step(config, mesh)(
+    state, metrics = loop.make_train_step(config, mesh)(
         state, _batch(dataset, 32, mesh), jax.random.key(0)
     )
     assert state.batch_stats == {} and bool(metrics["finite"])
@@ -105,8 +105,8 @@ def test_no_bn_state_has_no_batch_stats(mesh, cifar_fixture_dir):
 def test_eval_counts_every_test_image_once(tiny, mesh, cifar_fixture_dir):
     dataset = data.load_cifar10(cifar_fixture_dir, download=False)
     assert len(dataset.test_images) % tiny.data.eval_batch_size != 0  # Padded last batch.
-    state = train_lib.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
-    result = train_lib.evaluate(state, dataset, tiny, mesh, train_lib.make_eval_step(mesh))
+    state = loop.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
+    result = loop.evaluate(state, dataset, tiny, mesh, loop.make_eval_step(mesh))
     assert result["test_count"] == len(dataset.test_images)
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats},
@@ -120,12 +120,12 @@ def test_eval_counts_every_test_image_once(tiny, mesh, cifar_fixture_dir):
 def test_resume_is_bitwise_identical(tiny, tmp_path, mesh):
     # 10 steps per epoch, checkpoint every 4: the split (6) is mid-epoch and off-interval.
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train_lib.train_and_evaluate(_config_like(tiny, max_steps=13), straight)
-    train_lib.train_and_evaluate(_config_like(tiny, max_steps=6), split)
+    loop.train_and_evaluate(_config_like(tiny, max_steps=13), straight)
+    loop.train_and_evaluate(_config_like(tiny, max_steps=6), split)
     assert Checkpointer(split / "checkpoints").all_steps() == [4, 6]
-    train_lib.train_and_evaluate(_config_like(tiny, max_steps=13), split)
+    loop.train_and_evaluate(_config_like(tiny, max_steps=13), split)
 
-    target = train_lib.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
+    target = loop.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
     states = []
     for workdir in (straight, split):
         checkpointer = Checkpointer(workdir / "checkpoints", tiny.keep_checkpoints)
@@ -153,7 +153,7 @@ def test_non_finite_loss_stops_and_is_not_checkpointed(tiny, tmp_path):
     config = _config_like(tiny, checkpoint_every_steps=1)
     config.optim.learning_rate = 1e30
     with pytest.raises(FloatingPointError, match=r"at train step \d+") as info:
-        train_lib.train_and_evaluate(config, tmp_path)
+        loop.train_and_evaluate(config, tmp_path)
     bad_step = int(re.search(r"train step (\d+)", str(info.value)).group(1))
     steps = Checkpointer(tmp_path / "checkpoints").all_steps()
     assert all(s < bad_step for s in steps), (steps, bad_step)

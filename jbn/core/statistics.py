@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import validation
+from jbn.core import validation
 
 Array = jax.Array
 Axes = int | Sequence[int]

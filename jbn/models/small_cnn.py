@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from jbn.linen import BatchNorm
-from jbn.patch_conv import PatchConv
-from jbn.pooling import max_pool
+from jbn.ops.conv import PatchConv
+from jbn.ops.pooling import max_pool
 
-__all__ = ["SmallBNConvNet", "make_model"]
+__all__ = ["SmallBNConvNet"]
 
 ModuleFactory = Callable[..., nn.Module]
 PoolFn = Callable[[jax.Array, int], jax.Array]
@@ -60,10 +60,10 @@ class SmallBNConvNet(nn.Module):
         pool: ``pool(x, window)`` non-overlapping max pooling.
         pool_window: Pooling window and stride.
         patch_conv_channels: Convolutions whose input has at most this many
-            channels (the RGB input) run as `jbn.patch_conv.PatchConv` (same
+            channels (the RGB input) run as `jbn.ops.conv.PatchConv` (same
             maths and variables as ``nn.Conv``, faster on XLA:CPU); 0: never.
         native_input_conv: Let those convolutions use the compiled CPU kernel
-            (``PatchConv(native=True)``, `jbn.native`); for one device only.
+            (``PatchConv(native=True)``, `jbn.ops.native`); for one device only.
         dtype: Computation dtype of convolutions and the classifier.
     """
 
@@ -123,47 +123,3 @@ class SmallBNConvNet(nn.Module):
             x = nn.relu(self.pool(x, self.pool_window))
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-
-
-_MODELS: dict[str, type[nn.Module]] = {"SmallBNConvNet": SmallBNConvNet}
-
-
-def make_model(model_config: Any) -> nn.Module:
-    """Builds a model from a ``config.model`` ConfigDict (or any mapping-like object).
-
-    Args:
-        model_config: With fields ``name``, ``num_classes``, ``widths``,
-            ``use_batch_norm``, ``bn_momentum``, ``bn_epsilon`` and optionally
-            ``virtual_batch_size``, ``norm`` (``"jbn"`` or ``"flax"``),
-            ``patch_conv_channels`` and ``native_input_conv``.
-
-    Returns:
-        The (unbound) flax module.
-
-    Raises:
-        ValueError: For an unknown model name or norm layer.
-    """
-    name = model_config.name
-    if name not in _MODELS:
-        raise ValueError(f"Unknown model {name!r}; known: {sorted(_MODELS)}.")
-    norm_name = model_config.get("norm", "jbn")
-    if norm_name not in ("jbn", "flax"):
-        raise ValueError(f"Unknown norm {norm_name!r}; expected 'jbn' or 'flax'.")
-    norm = None
-    if norm_name == "flax":
-        if model_config.get("virtual_batch_size") is not None:
-            raise ValueError("virtual_batch_size needs norm='jbn'; flax.linen.BatchNorm lacks it.")
-        norm = functools.partial(
-            nn.BatchNorm, momentum=model_config.bn_momentum, epsilon=model_config.bn_epsilon
-        )
-    return _MODELS[name](
-        num_classes=model_config.num_classes,
-        widths=tuple(model_config.widths),
-        use_batch_norm=model_config.use_batch_norm,
-        momentum=model_config.bn_momentum,
-        epsilon=model_config.bn_epsilon,
-        virtual_batch_size=model_config.get("virtual_batch_size"),
-        norm=norm,
-        patch_conv_channels=model_config.get("patch_conv_channels", 4),
-        native_input_conv=model_config.get("native_input_conv", False),
-    )
