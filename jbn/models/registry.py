@@ -9,9 +9,15 @@ import flax.linen as nn
 
 from jbn.models.small_cnn import SmallBNConvNet
 
-__all__ = ["make_model"]
+__all__ = ["NORM_NAMES", "make_model", "model_names"]
 
 _MODELS: dict[str, type[nn.Module]] = {"SmallBNConvNet": SmallBNConvNet}
+NORM_NAMES = ("jbn", "flax")  # config.model.norm: jbn.BatchNorm or flax.linen.BatchNorm.
+
+
+def model_names() -> tuple[str, ...]:
+    """The names ``config.model.name`` accepts."""
+    return tuple(sorted(_MODELS))
 
 
 def make_model(model_config: Any) -> nn.Module:
@@ -33,8 +39,8 @@ def make_model(model_config: Any) -> nn.Module:
     if name not in _MODELS:
         raise ValueError(f"Unknown model {name!r}; known: {sorted(_MODELS)}.")
     norm_name = model_config.get("norm", "jbn")
-    if norm_name not in ("jbn", "flax"):
-        raise ValueError(f"Unknown norm {norm_name!r}; expected 'jbn' or 'flax'.")
+    if norm_name not in NORM_NAMES:
+        raise ValueError(f"Unknown norm {norm_name!r}; expected one of {NORM_NAMES}.")
     norm = None
     if norm_name == "flax":
         if model_config.get("virtual_batch_size") is not None:
