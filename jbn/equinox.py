@@ -134,7 +134,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         else:
             self.weight = None
             self.bias = None
-        self.batch_counter = eqx.nn.StateIndex(jnp.zeros((), jnp.int32))
+        # jnp.array(0), as Equinox: the same (weakly typed) int, so states swap.
+        self.batch_counter = eqx.nn.StateIndex(jnp.array(0))
         self.batch_state_index = eqx.nn.StateIndex(
             (jnp.zeros((input_size,), stats_dtype), jnp.ones((input_size,), stats_dtype))
         )
@@ -184,7 +185,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if not inference:
             self._check_axis_name()
         mean, var = state.get(self.batch_state_index)
-        stats = {"mean": mean, "var": var, "count": state.get(self.batch_counter)}
+        counter = state.get(self.batch_counter)
+        stats = {"mean": mean, "var": var, "count": counter}
         params = {"scale": self.weight, "bias": self.bias} if self.channelwise_affine else None
         with jax.named_scope("jbn.equinox.BatchNorm"):
             y, new_stats = normalization.batch_norm(
@@ -200,7 +202,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 unbiased_running_var=self.unbiased_running_var,
             )
         if not inference:
-            state = state.set(self.batch_counter, new_stats["count"])
+            state = state.set(self.batch_counter, counter + 1)  # Keeps its weak type.
             state = state.set(self.batch_state_index, (new_stats["mean"], new_stats["var"]))
         return y, state
 
