@@ -65,4 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.log_every_steps = 50
+    config.log = ml_collections.ConfigDict()
+    # TensorBoard event files in the workdir (jbn.train.tensorboard_log): None
+    # writes them when tensorboardX is installed (pip install -e ".[tensorboard]").
+    config.log.tensorboard = ml_collections.FieldReference(None, field_type=bool)
     return config

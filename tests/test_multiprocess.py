@@ -6,6 +6,7 @@ to a 1-process run on 4 devices within 1e-5, including across a resume from
 a checkpoint written by both processes. Every process is killed on failure.
 """
 
+import importlib.util
 import os
 import pathlib
 import socket
@@ -103,6 +104,10 @@ def test_two_processes_match_one_process_on_four_devices(cifar_fixture_dir, tmp_
     second = _two_processes(multi, cifar_fixture_dir, max_steps=4)
     assert "Resumed from" in second[0] and "agree across 2 processes" in second[0]
     assert "epoch" not in first[1] and "Done:" not in second[1], "only process 0 prints progress"
+    assert "Model: SmallBNConvNet" in first[0] and "Model:" not in first[1]
+    # Only process 0 writes TensorBoard events: one file per run (written when installed).
+    expected_event_files = 2 if importlib.util.find_spec("tensorboardX") else 0
+    assert len(list(multi.glob("events.out.tfevents.*"))) == expected_event_files
     _run_processes([_train_cmd(single, cifar_fixture_dir, max_steps=4)], _env(4))
 
     step_multi, multi_state = _restore(multi, cifar_fixture_dir)

@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jbn.models import make_model
-from jbn.train import cpu_tuning, data, distributed, run_log
+from jbn.train import cpu_tuning, data, distributed, run_log, run_summary, tensorboard_log
 from jbn.train.checkpoint import Checkpointer
 from jbn.train.optim import make_optimizer, make_schedule
 
@@ -300,10 +300,14 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
     state, restored = checkpointer.restore_latest(state)
     start_step = int(state.step)
     if is_main:
+        print(run_summary.describe(config.model, state.params, state.batch_stats, mesh), flush=True)
         (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
         run_log.truncate_after(workdir, start_step)
         if restored is not None:
             print(f"Resumed from {checkpointer.directory} at step {restored}.")
+    scalars = tensorboard_log.open_writer(
+        workdir, config.get("log"), start_step=start_step, is_main=is_main
+    )
     p_train = make_train_step(config, mesh)
     p_eval = make_eval_step(mesh)
     record: dict[str, Any] = {}
@@ -369,6 +373,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
             }
             if is_main:
                 run_log.append(workdir, record)
+                scalars.write(record)
                 print(
                     f"epoch {record['epoch']:g}: train_loss={record['train_loss']:.4f} "
                     f"test_loss={record['test_loss']:.4f} "
@@ -380,6 +385,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
         checkpointer.save(step, state)
     finally:
         checkpointer.close()
+        scalars.close()
     distributed.assert_replicas_agree(
         {"params": state.params, "batch_stats": state.batch_stats}, "params/batch_stats"
     )
