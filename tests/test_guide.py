@@ -18,4 +18,6 @@ def test_example_runs(index):
     code = BLOCKS[index]
     if "import torch" in code:
         pytest.importorskip("torch")
+    if "import equinox" in code:
+        pytest.importorskip("equinox")
     exec(compile(code, f"{GUIDE}:block{index}", "exec"), {"__name__": f"guide_{index}"})
