@@ -2,6 +2,8 @@
 
 Run with ``python train.py --config configs/default.py --workdir ./workdir`` and
 override any field from the command line, e.g. ``--config.optim.learning_rate=0.2``.
+What each field accepts, and which may change when a run resumes, is in
+``jbn/train/config_schema.py``.
 """
 
 import ml_collections
@@ -51,8 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.final_div_factor = 1e4  # Final LR = initial / final_div_factor.
 
     config.data = ml_collections.ConfigDict()
+    config.data.name = "cifar10"  # "cifar10", "cifar100" or "mnist" (jbn.train.datasets).
     config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     config.data.download = True
+    # Files that differ from the official release's checksums: "warn" and train
+    # on them (e.g. a re-encoded copy), "strict" refuses them, "off" skips hashing.
+    config.data.checksums = "warn"
     config.data.batch_size = 128
     config.data.eval_batch_size = 1000
     config.data.augment = True  # Random crop (zero pad 4) + horizontal flip, on device.

@@ -21,7 +21,18 @@ from typing import Any
 import jax
 import optax
 
-__all__ = ["kernel_mask", "make_optimizer", "make_schedule"]
+__all__ = [
+    "OPTIMIZER_NAMES",
+    "SCHEDULE_NAMES",
+    "WEIGHT_DECAY_TARGETS",
+    "kernel_mask",
+    "make_optimizer",
+    "make_schedule",
+]
+
+OPTIMIZER_NAMES = ("sgd",)  # config.optim.name
+SCHEDULE_NAMES = ("onecycle", "constant")  # config.optim.schedule
+WEIGHT_DECAY_TARGETS = ("all", "kernels")  # config.optim.weight_decay_on
 
 
 def make_schedule(optim_config: Any, total_steps: int) -> optax.Schedule:
@@ -51,7 +62,7 @@ def make_schedule(optim_config: Any, total_steps: int) -> optax.Schedule:
             div_factor=optim_config.div_factor,
             final_div_factor=optim_config.final_div_factor,
         )
-    raise ValueError(f"Unknown schedule {name!r}; expected 'onecycle' or 'constant'.")
+    raise ValueError(f"Unknown schedule {name!r}; expected one of {SCHEDULE_NAMES}.")
 
 
 def kernel_mask(params: Any) -> Any:
@@ -76,11 +87,15 @@ def make_optimizer(optim_config: Any, total_steps: int) -> optax.GradientTransfo
     Raises:
         ValueError: For an unknown optimizer or ``weight_decay_on`` value.
     """
-    if optim_config.name != "sgd":
-        raise ValueError(f"Unknown optimizer {optim_config.name!r}; expected 'sgd'.")
+    if optim_config.name not in OPTIMIZER_NAMES:
+        raise ValueError(
+            f"Unknown optimizer {optim_config.name!r}; expected one of {OPTIMIZER_NAMES}."
+        )
     decay_on = optim_config.get("weight_decay_on", "all")
-    if decay_on not in ("all", "kernels"):
-        raise ValueError(f"weight_decay_on must be 'all' or 'kernels', got {decay_on!r}.")
+    if decay_on not in WEIGHT_DECAY_TARGETS:
+        raise ValueError(
+            f"weight_decay_on must be one of {WEIGHT_DECAY_TARGETS}, got {decay_on!r}."
+        )
     mask = kernel_mask if decay_on == "kernels" else None
     return optax.chain(
         optax.add_decayed_weights(optim_config.weight_decay, mask=mask),
