@@ -9,10 +9,19 @@ Usage::
 Re-running the same command resumes from the latest checkpoint in --workdir.
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
 JBN_COORDINATOR_ADDRESS/JBN_NUM_PROCESSES/JBN_PROCESS_ID) on every process.
+
+Exit codes: 0 when training finished; 2 for a bad config value or a resume
+with a config that does not fit the workdir's checkpoints (one line per
+problem on stderr, no traceback); 1 for missing or bad data files; 143 (SIGTERM)
+or 130 (SIGINT, Ctrl-C) when a signal stopped the run after checkpointing its
+last step (re-run the same command to resume).
 """
 
 from __future__ import annotations
 
+import pathlib
+import shlex
+import sys
 from collections.abc import Sequence
 
 from jbn import cpu_tuning
@@ -23,11 +32,17 @@ cpu_tuning.reexec_tuned()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jbn.train import distributed  # noqa: E402
+from jbn.train import config_schema, datasets, distributed  # noqa: E402
+from jbn.train.checkpoint import CheckpointMismatchError  # noqa: E402
+
+# The default config next to this file, so the script runs from any working directory.
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "default.py"
+EXIT_CONFIG_ERROR = 2
+EXIT_DATA_ERROR = 1
 
 _WORKDIR = flags.DEFINE_string("workdir", "./workdir", "Directory for checkpoints and metrics.")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Training configuration file.", lock_config=True
+    "config", str(DEFAULT_CONFIG), "Training configuration file.", lock_config=True
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-process runs."
@@ -36,17 +51,33 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 
 
+def _exit(message: str, code: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str]) -> None:
     """Runs training with the parsed flags."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+    try:
+        config_schema.validate(_CONFIG.value)  # Before anything starts.
+    except config_schema.ConfigError as e:
+        _exit(str(e), EXIT_CONFIG_ERROR)
     distributed.maybe_initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
-    from jbn.train import loop  # Imported after the distributed runtime is up.
+    from jbn.train import loop, preemption  # Imported after the distributed runtime is up.
 
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (config_schema.ConfigError, CheckpointMismatchError) as e:
+        _exit(str(e), EXIT_CONFIG_ERROR)
+    except (datasets.DataNotFoundError, datasets.DataFileError) as e:
+        _exit(str(e), EXIT_DATA_ERROR)
+    except preemption.Preempted as e:
+        _exit(f"{e}\nResume with: {shlex.join([sys.executable, *sys.argv])}", e.exit_code)
 
 
 if __name__ == "__main__":

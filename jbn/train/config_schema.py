@@ -4,10 +4,11 @@
 type, range or names, whether it may be ``None``, and whether it may change
 when a run resumes in the same workdir (``resumable``; see
 `jbn.train.run_config`). `CONSTRAINTS` are the checks that involve several
-fields (classes of the data set, ghost batches, ...), and `check_mesh` the
-ones that need the devices. `validate` runs them all and raises one
-`ConfigError` with a line per bad value, naming the field, the value and what
-is allowed.
+fields (classes of the data set, ghost batches, ...), `check_mesh` the ones
+that need the devices (`create_mesh` builds the mesh and runs them), and
+`check_batch_fits` the one that needs the data. `validate` runs the first
+ones and raises one `ConfigError` with a line per bad value, naming the
+field, the value and what is allowed.
 
 Names come from where they are defined (``jbn.models.registry.model_names()``,
 ``NORM_NAMES``, ``jbn.train.datasets.names()``, ``jbn.train.optim``), looked
@@ -31,7 +32,9 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
+from jax.sharding import Mesh
 
 from jbn.models import registry
 from jbn.train import datasets, distributed, optim
@@ -41,8 +44,10 @@ __all__ = [
     "FIELDS",
     "ConfigError",
     "Rule",
+    "check_batch_fits",
     "check_fields",
     "check_mesh",
+    "create_mesh",
     "leaves",
     "resumable_fields",
     "validate",
@@ -314,6 +319,34 @@ def check_mesh(config: Any, data_axis_size: int, process_count: int) -> list[str
                 )
                 break
     return problems
+
+
+def check_batch_fits(config: Any, num_train: int, title: str) -> None:
+    """Checks that one batch fits in the ``num_train`` training images of data set ``title``.
+
+    Raises:
+        ConfigError: If ``data.batch_size`` is larger.
+    """
+    if config.data.batch_size > num_train:
+        allowed = f"at most {num_train}, the training images of {title}"
+        raise ConfigError([_bad("data.batch_size", config.data.batch_size, allowed)])
+
+
+def create_mesh(config: Any) -> Mesh:
+    """The device mesh of ``config.mesh``, once the batch sizes are checked against it.
+
+    Raises:
+        ConfigError: If the mesh does not fit the devices or a batch size does
+            not divide over it.
+    """
+    try:
+        mesh = distributed.create_mesh(config.mesh)
+    except ValueError as e:
+        raise ConfigError([f"config.mesh={config.mesh.to_dict()}: {e}"]) from e
+    validate(
+        config, data_axis_size=mesh.shape[distributed.DATA_AXIS], process_count=jax.process_count()
+    )
+    return mesh
 
 
 def validate(

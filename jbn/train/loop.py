@@ -1,4 +1,6 @@
-"""Training library: TrainState, jitted train/eval steps, and the train-and-evaluate loop.
+"""Training library: jitted train/eval steps and the train-and-evaluate loop.
+
+The train state and its initialisation live in `jbn.train.state` (re-exported here).
 
 The steps are plain functions of arrays, jitted once per run with explicit
 shardings over a device mesh (batch split over ``"data"``, state replicated)
@@ -17,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -25,18 +28,28 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from flax.training import train_state
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jbn.models import make_model
-from jbn.train import cpu_tuning, data, distributed, run_log, run_summary, tensorboard_log
+from jbn.train import (
+    config_schema,
+    cpu_tuning,
+    data,
+    datasets,
+    distributed,
+    epoch_metrics,
+    preemption,
+    run_config,
+    run_log,
+    run_summary,
+    tensorboard_log,
+)
 from jbn.train.checkpoint import Checkpointer
-from jbn.train.optim import make_optimizer, make_schedule
+from jbn.train.optim import make_schedule
+from jbn.train.state import TrainState, create_train_state
 
 __all__ = [
     "TrainState",
@@ -54,73 +67,7 @@ Metrics = dict[str, jax.Array]
 
 CHECKPOINT_DIR = "checkpoints"
 CURVES_FILE = "curves.png"
-CONFIG_FILE = "config.json"
-
-
-class TrainState(train_state.TrainState):
-    """Flax TrainState plus the BatchNorm running statistics (``{}`` without BN)."""
-
-    batch_stats: Any = flax.struct.field(default_factory=dict)
-
-
-def create_train_state(
-    config: Any, rng: jax.Array, mesh: Mesh, *, steps_per_epoch: int | None = None
-) -> TrainState:
-    """Initialises model variables and optimizer state, replicated over ``mesh``.
-
-    On the CPU the initialisation is compiled with `cpu_tuning.init_compiler_options`.
-
-    Args:
-        config: The run config (``model``, ``optim``, ``data.batch_size``,
-            ``num_epochs``).
-        rng: PRNG key for the parameter initialisation.
-        mesh: Device mesh; every leaf is replicated over it.
-        steps_per_epoch: Steps of one epoch, for the LR schedule (default: the
-            50,000 CIFAR-10 training images divided by the batch size).
-
-    Returns:
-        A `TrainState` at step 0 with ``apply_fn`` and ``tx`` set.
-    """
-    if steps_per_epoch is None:
-        steps_per_epoch = data.num_train_steps(50_000, config.data.batch_size)
-    model = make_model(_model_config(config, mesh))
-    tx = make_optimizer(config.optim, config.num_epochs * steps_per_epoch)
-
-    def init(rng: jax.Array) -> TrainState:
-        variables = model.init(rng, jnp.zeros((1, *data.IMAGE_SHAPE), jnp.float32), train=False)
-        state = TrainState.create(
-            apply_fn=model.apply,
-            params=variables["params"],
-            tx=tx,
-            batch_stats=variables.get("batch_stats", {}),
-        )
-        return state.replace(step=jnp.zeros((), jnp.int32))
-
-    platform = mesh.devices.flat[0].platform
-    return jax.jit(
-        init,
-        out_shardings=distributed.replicated(mesh),
-        compiler_options=cpu_tuning.init_compiler_options(platform),
-    )(rng)
-
-
-def _model_config(config: Any, mesh: Mesh) -> Any:
-    """``config.model`` resolved for ``mesh``.
-
-    Sets the BatchNorm groups of ``bn_stats``, and keeps ``native_input_conv``
-    only on one CPU device (XLA's sharding does not split its custom call).
-    """
-    model_config = config.model.copy_and_resolve_references()
-    one_cpu = mesh.size == 1 and mesh.devices.flat[0].platform == "cpu"
-    with model_config.unlocked():
-        model_config.native_input_conv = bool(model_config.get("native_input_conv")) and one_cpu
-        model_config.virtual_batch_size = distributed.batch_stats_group_size(
-            config.model.get("bn_stats", "global"),
-            config.data.batch_size,
-            mesh,
-            config.model.get("virtual_batch_size"),
-        )
-    return model_config
+CONFIG_FILE = run_config.CONFIG_FILE
 
 
 def _variables(state: TrainState, params: Any) -> dict[str, Any]:
@@ -131,15 +78,21 @@ def _variables(state: TrainState, params: Any) -> dict[str, Any]:
 
 
 def train_step(
-    state: TrainState, batch: Batch, rng: jax.Array, *, augment: bool = True
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    augment: bool = True,
+    info: datasets.DatasetInfo = data.CIFAR10.info,
 ) -> tuple[TrainState, Metrics]:
     """One SGD step on a batch of uint8 images, updating the BatchNorm statistics.
 
     Args:
         state: Current state (donated by `make_train_step`).
-        batch: ``dict(image=uint8 [B, 32, 32, 3], label=int32 [B])``.
+        batch: ``dict(image=uint8 [B, H, W, C], label=int32 [B])``.
         rng: Run-level PRNG key; the step's key is ``fold_in(rng, state.step)``.
         augment: Random crop + flip (``jbn.train.data.augment``) before normalising.
+        info: The data set, whose channel statistics normalise the images.
 
     Returns:
         The new state and ``dict(loss, accuracy, finite)``, where ``finite`` is
@@ -148,7 +101,7 @@ def train_step(
     images = batch["image"]
     if augment:
         images = data.augment(jax.random.fold_in(rng, state.step), images)
-    x = data.preprocess(images)
+    x = data.preprocess(images, info)
     labels = batch["label"]
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
@@ -169,18 +122,21 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch) -> Metrics:
+def eval_step(
+    state: TrainState, batch: Batch, *, info: datasets.DatasetInfo = data.CIFAR10.info
+) -> Metrics:
     """Masked evaluation sums with the running statistics; nothing is mutated.
 
     Args:
         state: The state to evaluate.
         batch: ``dict(image, label, mask)``; rows with ``mask=False`` are padding.
+        info: The data set, whose channel statistics normalise the images.
 
     Returns:
         ``dict(loss_sum, correct, count)`` over the valid rows (float32).
     """
     logits = state.apply_fn(
-        _variables(state, state.params), data.preprocess(batch["image"]), train=False
+        _variables(state, state.params), data.preprocess(batch["image"], info), train=False
     )
     mask = batch["mask"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -202,8 +158,11 @@ def make_train_step(config: Any, mesh: Mesh) -> Any:
     """
     replicated = distributed.replicated(mesh)
     platform = mesh.devices.flat[0].platform
+    step = functools.partial(
+        train_step, augment=config.data.augment, info=datasets.info(config.data.name)
+    )
     return jax.jit(
-        functools.partial(train_step, augment=config.data.augment),
+        step,
         in_shardings=(replicated, distributed.batch_sharding(mesh), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
@@ -211,11 +170,11 @@ def make_train_step(config: Any, mesh: Mesh) -> Any:
     )
 
 
-def make_eval_step(mesh: Mesh) -> Any:
-    """``eval_step`` jitted over ``mesh``: ``step(state, batch) -> sums``."""
+def make_eval_step(mesh: Mesh, info: datasets.DatasetInfo = data.CIFAR10.info) -> Any:
+    """``eval_step`` jitted over ``mesh`` for data set ``info``: ``step(state, batch) -> sums``."""
     replicated = distributed.replicated(mesh)
     return jax.jit(
-        eval_step,
+        functools.partial(eval_step, info=info),
         in_shardings=(replicated, distributed.batch_sharding(mesh)),
         out_shardings=replicated,
     )
@@ -268,6 +227,11 @@ def _check_finite(pending: list[tuple[int, Metrics]]) -> None:
 def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     """Trains, evaluates after every epoch, checkpoints, and resumes from ``workdir``.
 
+    Before anything runs the config is validated (`jbn.train.config_schema`)
+    and, if ``workdir`` holds checkpoints, compared with the config they were
+    trained with (`jbn.train.run_config`). SIGTERM and SIGINT stop the run
+    after the current step, with a checkpoint of it (`jbn.train.preemption`).
+
     Args:
         config: The run config (see ``configs/default.py``).
         workdir: Directory for ``checkpoints/``, ``metrics.jsonl``, ``config.json``
@@ -278,114 +242,187 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
         The last metrics record (see `jbn.train.run_log`).
 
     Raises:
+        ConfigError: A bad config value, or (`ResumeMismatchError`) a config
+            that differs from the workdir's in a field that may not change.
+        CheckpointMismatchError: The latest checkpoint does not fit the state.
+        DataNotFoundError, DataFileError: Missing, unsafe or malformed data files.
         FloatingPointError: If a train step produces a non-finite loss or parameters.
+        Preempted: On SIGTERM/SIGINT, once the last step is checkpointed.
     """
+    config_schema.validate(config)
     start_time = time.time()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as resources:  # Closed in reverse order, however _train ends.
+        checkpointer = resources.enter_context(
+            Checkpointer(workdir / CHECKPOINT_DIR, config.keep_checkpoints)
+        )
+        sync = checkpointer.reached_preemption if jax.process_count() > 1 else None
+        stop = resources.enter_context(preemption.StopRequests(sync))
+        state, dataset, mesh, record = _train(
+            config, workdir, checkpointer, stop, resources, start_time
+        )
+    return _evaluate_and_finish(config, workdir, state, dataset, mesh, record, start_time)
+
+
+def _train(
+    config: Any,
+    workdir: pathlib.Path,
+    checkpointer: Checkpointer,
+    stop: preemption.StopRequests,
+    resources: contextlib.ExitStack,
+    start_time: float,
+) -> tuple[TrainState, datasets.Dataset, Mesh, dict[str, Any]]:
+    """The body of `train_and_evaluate`: returns the final state and last record."""
     is_main = jax.process_index() == 0
-    mesh = distributed.create_mesh(config.mesh)
-    dataset = data.load_cifar10(config.data.data_dir, download=config.data.download)
+    notes = []
+    if checkpointer.latest_step() is not None:
+        notes = run_config.check_resume(workdir, config)
+    mesh = config_schema.create_mesh(config)
+    dataset = datasets.load(
+        config.data.name,
+        config.data.data_dir,
+        download=config.data.download,
+        checksums=config.data.checksums,
+    )
+    config_schema.check_batch_fits(config, len(dataset.train_images), dataset.info.title)
     batch_size = config.data.batch_size
     steps_per_epoch = data.num_train_steps(len(dataset.train_images), batch_size)
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={batch_size} exceeds {len(dataset.train_images)} images.")
     total_steps = config.num_epochs * steps_per_epoch
     stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
     schedule = make_schedule(config.optim, total_steps)
 
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(config, init_rng, mesh, steps_per_epoch=steps_per_epoch)
-    checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, config.keep_checkpoints)
     state, restored = checkpointer.restore_latest(state)
     start_step = int(state.step)
+    progress = checkpointer.restore_progress(restored) if restored is not None else {}
+    sums = epoch_metrics.EpochMetrics.resume(progress, start_step, steps_per_epoch)
     if is_main:
         print(run_summary.describe(config.model, state.params, state.batch_stats, mesh), flush=True)
-        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
+        run_config.write(workdir, config)
         run_log.truncate_after(workdir, start_step)
+        for note in notes:
+            print(f"Note: {note}", flush=True)
         if restored is not None:
-            print(f"Resumed from {checkpointer.directory} at step {restored}.")
-    scalars = tensorboard_log.open_writer(
-        workdir, config.get("log"), start_step=start_step, is_main=is_main
+            print(f"Resumed from {checkpointer.directory} at step {restored}.", flush=True)
+        else:
+            print(
+                f"Starting at step 0 of {stop_step} ({steps_per_epoch} per epoch); "
+                f"checkpoints in {checkpointer.directory}.",
+                flush=True,
+            )
+    scalars = resources.enter_context(
+        contextlib.closing(
+            tensorboard_log.open_writer(
+                workdir, config.get("log"), start_step=start_step, is_main=is_main
+            )
+        )
     )
     p_train = make_train_step(config, mesh)
-    p_eval = make_eval_step(mesh)
+    p_eval = make_eval_step(mesh, dataset.info)
     record: dict[str, Any] = {}
-    try:
-        step = start_step
-        for epoch in range(start_step // steps_per_epoch, -(-stop_step // steps_per_epoch)):
-            first = epoch * steps_per_epoch
-            end = min(first + steps_per_epoch, stop_step)
-            batches = data.train_batches(
-                dataset.train_images,
-                dataset.train_labels,
-                batch_size,
-                seed=config.seed,
-                epoch=epoch,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-            batches = itertools.islice(batches, step - first, end - first)
-            bar = tqdm(
-                total=(end - step) * batch_size,
-                desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                unit="img",
-                unit_scale=True,
-                disable=not is_main,
-                leave=True,
-            )
-            epoch_start, epoch_begin = time.perf_counter(), step
-            sums, pending = None, []
-            try:
-                for batch in _device_batches(batches, mesh, config.data.prefetch):
-                    state, metrics = p_train(state, batch, train_rng)
-                    step += 1
-                    pending.append((step, metrics))
-                    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-                    bar.update(batch_size)
-                    if step % config.log_every_steps == 0 or step == end:
-                        last = jax.device_get(metrics)
-                        _check_finite(pending)
-                        bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
-                    if step % config.checkpoint_every_steps == 0:
-                        _check_finite(pending)
-                        checkpointer.save(step, state)
-                _check_finite(pending)
-                sums = jax.device_get(sums)
-                train_time = time.perf_counter() - epoch_start
-                images_per_sec = (step - epoch_begin) * batch_size / train_time
-                bar.set_postfix(
-                    loss=f"{sums['loss'] / (step - epoch_begin):.3f}",
-                    acc=f"{sums['accuracy'] / (step - epoch_begin):.3f}",
-                    img_s=f"{images_per_sec:.0f}",
+    step = start_step
+    for epoch in range(start_step // steps_per_epoch, -(-stop_step // steps_per_epoch)):
+        first = epoch * steps_per_epoch
+        end = min(first + steps_per_epoch, stop_step)
+        if sums.epoch != epoch:
+            sums = epoch_metrics.EpochMetrics(epoch)
+        batches = data.train_batches(
+            dataset.train_images,
+            dataset.train_labels,
+            batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        batches = itertools.islice(batches, step - first, end - first)
+        bar = tqdm(
+            total=(end - step) * batch_size,
+            desc=f"epoch {epoch + 1}/{config.num_epochs}",
+            unit="img",
+            unit_scale=True,
+            disable=not is_main,
+            leave=True,
+        )
+        epoch_start, epoch_begin = time.perf_counter(), step
+        pending, stopping = [], False
+        try:
+            for batch in _device_batches(batches, mesh, config.data.prefetch):
+                state, metrics = p_train(state, batch, train_rng)
+                step += 1
+                pending.append((step, metrics))
+                sums.add(metrics)
+                bar.update(batch_size)
+                if step % config.log_every_steps == 0 or step == end:
+                    last = jax.device_get(metrics)
+                    _check_finite(pending)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
+                # Every step, on every process: they must agree on where to stop.
+                stopping = stop.should_stop(step - start_step)
+                if step % config.checkpoint_every_steps == 0 or (stopping and step < end):
+                    _check_finite(pending)
+                    checkpointer.save(step, state, sums.progress())
+                if stopping:
+                    break
+            _check_finite(pending)
+            if stopping and step < end:  # Mid-epoch: no record, the resumed run writes it.
+                raise preemption.Preempted(
+                    step, stop.signal_name, checkpointer.directory, stop.exit_code
                 )
-            finally:
-                bar.close()
-            record = {
-                "epoch": round(step / steps_per_epoch, 4),
-                "step": step,
-                "train_loss": float(sums["loss"]) / (step - epoch_begin),
-                "train_accuracy": float(sums["accuracy"]) / (step - epoch_begin),
-                **evaluate(state, dataset, config, mesh, p_eval),
-                "images_per_sec": images_per_sec,
-                "lr": float(schedule(step - 1)),
-                "wall_time_s": time.time() - start_time,
-            }
-            if is_main:
-                run_log.append(workdir, record)
-                scalars.write(record)
-                print(
-                    f"epoch {record['epoch']:g}: train_loss={record['train_loss']:.4f} "
-                    f"test_loss={record['test_loss']:.4f} "
-                    f"test_accuracy={100 * record['test_accuracy']:.2f}% "
-                    f"images/s={images_per_sec:.0f}",
-                    flush=True,
-                )
-            checkpointer.save(step, state)
-        checkpointer.save(step, state)
-    finally:
-        checkpointer.close()
-        scalars.close()
+            means = sums.means()
+            train_time = time.perf_counter() - epoch_start
+            images_per_sec = (step - epoch_begin) * batch_size / train_time
+            bar.set_postfix(
+                loss=f"{means['train_loss']:.3f}",
+                acc=f"{means['train_accuracy']:.3f}",
+                img_s=f"{images_per_sec:.0f}",
+            )
+        finally:
+            bar.close()
+        record = {
+            "epoch": round(step / steps_per_epoch, 4),
+            "step": step,
+            **means,
+            **evaluate(state, dataset, config, mesh, p_eval),
+            "images_per_sec": images_per_sec,
+            "lr": float(schedule(step - 1)),
+            "wall_time_s": time.time() - start_time,
+        }
+        # The epoch's record: metrics.jsonl and the console (process 0 only).
+        if is_main:
+            run_log.append(workdir, record)
+            scalars.write(record)
+            print(
+                f"epoch {record['epoch']:g}: train_loss={record['train_loss']:.4f} "
+                f"test_loss={record['test_loss']:.4f} "
+                f"test_accuracy={100 * record['test_accuracy']:.2f}% "
+                f"images/s={images_per_sec:.0f}",
+                flush=True,
+            )
+        checkpointer.save(step, state, sums.progress())
+        if stopping and step < stop_step:  # At an epoch end, once its record is written.
+            raise preemption.Preempted(
+                step, stop.signal_name, checkpointer.directory, stop.exit_code
+            )
+    checkpointer.save(step, state, sums.progress())
+    return state, dataset, mesh, record
+
+
+def _evaluate_and_finish(
+    config: Any,
+    workdir: pathlib.Path,
+    state: TrainState,
+    dataset: datasets.Dataset,
+    mesh: Mesh,
+    record: dict[str, Any],
+    start_time: float,
+) -> dict[str, Any]:
+    """Checks the replicas agree, completes the record, draws the curves, prints the summary."""
+    from jbn.train import plot  # Imported late: matplotlib is only needed here.
+
+    is_main = jax.process_index() == 0
     distributed.assert_replicas_agree(
         {"params": state.params, "batch_stats": state.batch_stats}, "params/batch_stats"
     )
@@ -393,23 +430,18 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
         print(f"params and batch_stats agree across {jax.process_count()} processes.", flush=True)
     if not record:  # Nothing left to train: report the restored state.
         records = run_log.read(workdir) if is_main else []
-        record = records[-1] if records else {"step": step}
+        record = records[-1] if records else {"step": int(state.step)}
+        p_eval = make_eval_step(mesh, dataset.info)
         record.update(evaluate(state, dataset, config, mesh, p_eval))
     if is_main:
-        _finish(workdir, record, time.time() - start_time)
+        curves = workdir / CURVES_FILE
+        if run_log.read(workdir):
+            plot.plot_runs([workdir], curves)
+        print(
+            f"Done: step {record['step']}, test_accuracy={100 * record['test_accuracy']:.2f}% "
+            f"test_loss={record['test_loss']:.4f} ({record['test_count']} images), "
+            f"wall {time.time() - start_time:.0f}s; metrics in "
+            f"{workdir / run_log.METRICS_FILE}, curves in {curves}.",
+            flush=True,
+        )
     return record
-
-
-def _finish(workdir: pathlib.Path, record: dict[str, Any], wall: float) -> None:
-    """Writes the learning curves and prints the summary line."""
-    from jbn.train import plot  # Imported late: matplotlib is only needed here.
-
-    curves = workdir / CURVES_FILE
-    if run_log.read(workdir):
-        plot.plot_runs([workdir], curves)
-    print(
-        f"Done: step {record['step']}, test_accuracy={100 * record['test_accuracy']:.2f}% "
-        f"test_loss={record['test_loss']:.4f} ({record['test_count']} images), "
-        f"wall {wall:.0f}s; metrics in {workdir / run_log.METRICS_FILE}, curves in {curves}.",
-        flush=True,
-    )
