@@ -22,6 +22,7 @@ from __future__ import annotations
 import pathlib
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 
 from jbn import cpu_tuning
@@ -51,6 +52,18 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 
 
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    """Warnings as one line with their category (no source location: they are for the user)."""
+    del filename, lineno, line
+    return f"Warning ({category.__name__}): {message}\n"
+
+
 def _exit(message: str, code: int) -> None:
     print(message, file=sys.stderr, flush=True)
     sys.exit(code)
@@ -61,6 +74,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+    warnings.formatwarning = _one_line_warning
     try:
         config_schema.validate(_CONFIG.value)  # Before anything starts.
     except config_schema.ConfigError as e:

@@ -25,6 +25,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 if os.environ.get(cpu_tuning.OPT_OUT_ENV) is None:
     os.environ["XLA_FLAGS"] = cpu_tuning.environment()["XLA_FLAGS"]
 
+import gzip
 import pathlib
 import pickle
 
@@ -90,3 +91,84 @@ def write_cifar10_dir(
 def cifar_fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A tiny CIFAR-10 directory: 5 x 64 train images, 50 test images."""
     return write_cifar10_dir(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py")
+
+
+def write_cifar100_dir(
+    path: str | pathlib.Path, num_train: int = 200, num_test: int = 40, seed: int = 0
+) -> pathlib.Path:
+    """Writes random images in the official CIFAR-100 python-pickle layout into `path`.
+
+    Creates `train`, `test` and `meta` as the official archive has them: each
+    batch a dict with b"filenames", b"batch_label", b"fine_labels" (0..99),
+    b"coarse_labels" (0..19, fine // 5) and b"data" (uint8 [n, 3072],
+    channel-major rows); `meta` holds b"fine_label_names" and
+    b"coarse_label_names". Returns `path`.
+    """
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def write(name: str, count: int) -> None:
+        fine = [int(label) for label in rng.integers(0, 100, count)]
+        entry = {
+            b"filenames": [f"image_{name}_{i}.png".encode() for i in range(count)],
+            b"batch_label": f"{name}ing batch 1 of 1".encode(),
+            b"fine_labels": fine,
+            b"coarse_labels": [label // 5 for label in fine],
+            b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+        }
+        with open(path / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+
+    write("train", num_train)
+    write("test", num_test)
+    meta = {
+        b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+        b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+    }
+    with open(path / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return path
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """`array` (uint8) as an IDX file: 0, 0, 0x08, ndim, big-endian uint32 dims, values."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def write_mnist_dir(
+    path: str | pathlib.Path,
+    num_train: int = 256,
+    num_test: int = 40,
+    seed: int = 0,
+    gzipped: bool = True,
+) -> pathlib.Path:
+    """Writes random 28x28 digits as the four MNIST IDX files (``.gz`` or plain) into `path`."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (num_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, num_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (num_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, num_test, dtype=np.uint8),
+    }
+    for name, array in arrays.items():
+        if gzipped:
+            (path / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array)))
+        else:
+            (path / name).write_bytes(idx_bytes(array))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar100_fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny CIFAR-100 directory: 200 train images, 40 test images."""
+    return write_cifar100_dir(tmp_path_factory.mktemp("cifar100") / "cifar-100-python")
+
+
+@pytest.fixture(scope="session")
+def mnist_fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny MNIST directory of gzipped IDX files: 256 train images, 40 test images."""
+    return write_mnist_dir(tmp_path_factory.mktemp("mnist"))

@@ -3,15 +3,20 @@
 Both processes must finish with identical params and batch stats (jbn.train.loop
 checks with multihost_utils.assert_equal and exits non-zero otherwise), equal
 to a 1-process run on 4 devices within 1e-5, including across a resume from
-a checkpoint written by both processes. Every process is killed on failure.
+a checkpoint written by both processes. SIGTERM to one process stops both
+after the same step (JAX's preemption sync), with a checkpoint of it. Every
+process is killed on failure.
 """
 
 import importlib.util
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -30,7 +35,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _train_cmd(workdir, data_dir, max_steps):
+def _train_cmd(workdir, data_dir, max_steps, num_epochs=1):
     return [
         sys.executable,
         str(REPO / "train.py"),
@@ -38,7 +43,7 @@ def _train_cmd(workdir, data_dir, max_steps):
         str(REPO / "configs" / "tiny.py"),
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
-        "--config.num_epochs=1",
+        f"--config.num_epochs={num_epochs}",
         f"--config.max_steps={max_steps}",
         "--config.checkpoint_every_steps=2",
     ]
@@ -73,14 +78,17 @@ def _run_processes(cmds, env):
     return outputs
 
 
-def _two_processes(workdir, data_dir, max_steps):
+def _two_process_cmds(workdir, data_dir, max_steps, num_epochs=1):
     port = _free_port()
-    cmds = [
-        _train_cmd(workdir, data_dir, max_steps)
+    return [
+        _train_cmd(workdir, data_dir, max_steps, num_epochs)
         + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
         for i in range(2)
     ]
-    return _run_processes(cmds, _env(2))
+
+
+def _two_processes(workdir, data_dir, max_steps):
+    return _run_processes(_two_process_cmds(workdir, data_dir, max_steps), _env(2))
 
 
 def _restore(workdir, data_dir):
@@ -119,3 +127,45 @@ def test_two_processes_match_one_process_on_four_devices(cifar_fixture_dir, tmp_
         single_state,
     )
     assert (multi / "metrics.jsonl").exists() and (multi / "curves.png").exists()
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_to_one_process_stops_both_after_the_same_step(cifar_fixture_dir, tmp_path):
+    workdir = tmp_path / "wd"
+    # 1000 steps: far more than run before the preemption sync settles (seconds).
+    cmds = _two_process_cmds(workdir, cifar_fixture_dir, max_steps=1000, num_epochs=100)
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    files = [open(log, "w") for log in logs]  # noqa: SIM115 - closed below
+    procs = [
+        subprocess.Popen(cmd, env=_env(2), stdout=f, stderr=subprocess.STDOUT, text=True)
+        for cmd, f in zip(cmds, files, strict=True)
+    ]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (workdir / "checkpoints" / "2").exists():  # Both are training.
+            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            assert time.monotonic() < deadline, "no checkpoint 2"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)  # Process 1 only, not the coordinator.
+        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        for proc, f in zip(procs, files, strict=True):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            f.close()
+    outputs = [log.read_text() for log in logs]
+    assert codes == [143, 143], [out[-3000:] for out in outputs]
+    steps = [
+        int(re.search(r"Stopped by a preemption notice .* after train step (\d+);", out).group(1))
+        for out in outputs
+    ]
+    assert steps[0] == steps[1], steps
+    step = steps[0]
+    assert 2 <= step < 1000
+    with Checkpointer(workdir / loop.CHECKPOINT_DIR) as checkpointer:
+        assert checkpointer.latest_step() == step
+
+    # Both resume from it and agree at the end.
+    resumed = _run_processes(_two_process_cmds(workdir, cifar_fixture_dir, step + 2, 100), _env(2))
+    assert f"at step {step}." in resumed[0] and "agree across 2 processes" in resumed[0]

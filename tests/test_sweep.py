@@ -194,3 +194,16 @@ def test_report_shows_batch_columns_when_they_vary(tmp_path):
     assert "| b512_ghost128 | yes | 0.4 | 512 | 128 | 70.00% |" in table
     report.write_report(tmp_path, tmp_path / "out")
     assert (tmp_path / "out" / report.ACCURACY_PLOT).read_bytes()[:8] == PNG
+
+
+def test_a_bad_variant_stops_the_sweep_before_anything_trains(tmp_path):
+    from jbn.train import config_schema
+
+    variants = {"good": {"optim.learning_rate": 0.1}, "bad": {"optim.learning_rate": -1.0}}
+    calls = []
+    with pytest.raises(config_schema.ConfigError) as info:
+        sweep.run_sweep(_sweep(tmp_path, variants), tmp_path, train_fn=_fake_train(calls))
+    assert info.value.problems == [
+        "variant bad: config.optim.learning_rate=-1.0: must be a finite number >= 0."
+    ]
+    assert calls == []

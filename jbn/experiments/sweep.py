@@ -18,8 +18,11 @@ A finished variant has ``root/<name>/status.json`` with ``status`` ``"done"``
 or ``"diverged"`` and is skipped on a re-run; an interrupted one resumes from
 its checkpoints. A non-finite loss (`FloatingPointError`) is recorded as
 ``"diverged"`` with its step and the sweep goes on; any other error stops the
-sweep. Every invocation, stopped or not, appends its command line and wall
-time to ``root/sweep_log.jsonl`` (read by `jbn.experiments.report`).
+sweep. Every variant's config is validated (`jbn.train.config_schema`) before
+the first one trains. SIGTERM or Ctrl-C stops the variant in training after
+its current step, checkpointed (`jbn.train.preemption`; exit code 143 or 130),
+and a re-run resumes it. Every invocation, stopped or not, appends its command
+line and wall time to ``root/sweep_log.jsonl`` (read by `jbn.experiments.report`).
 """
 
 from __future__ import annotations
@@ -173,6 +176,24 @@ def run_variant(
     return {**status, "skipped": False}
 
 
+def _validate_variants(sweep: ml_collections.ConfigDict, names: Iterable[str]) -> None:
+    """Checks every variant's config before the first one trains.
+
+    Raises:
+        ConfigError: With one line per bad value, prefixed by the variant's name.
+    """
+    from jbn.train import config_schema  # Imported late, as the loop (JAX).
+
+    problems = []
+    for name in names:
+        try:
+            config_schema.validate(variant_config(sweep.base, dict(sweep.variants[name])))
+        except config_schema.ConfigError as error:
+            problems += [f"variant {name}: {problem}" for problem in error.problems]
+    if problems:
+        raise config_schema.ConfigError(problems)
+
+
 def run_sweep(
     sweep: ml_collections.ConfigDict,
     root: str | os.PathLike,
@@ -201,6 +222,7 @@ def run_sweep(
         if unknown:
             raise KeyError(f"Unknown variants {unknown}; the sweep has {names}.")
         names = [n for n in names if n in only]
+    _validate_variants(sweep, names)
     results = {}
     for i, name in enumerate(names):
         overrides = dict(sweep.variants[name])
@@ -211,6 +233,18 @@ def run_sweep(
         print(f"[sweep] {name} {verb} {result['status']} at step {result['step']}", flush=True)
         results[name] = result
     return results
+
+
+def _exit_cleanly_on_user_errors(error: BaseException) -> None:
+    """Bad configs and preemption end the CLI with their message and exit code, no traceback."""
+    from jbn.train import config_schema, preemption
+
+    if isinstance(error, config_schema.ConfigError):
+        print(error, file=sys.stderr, flush=True)
+        sys.exit(2)
+    if isinstance(error, preemption.Preempted):
+        print(error, file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
             entry["skipped"] = [n for n, r in results.items() if r["skipped"]]
         except BaseException as error:  # Logged (wall time counts), then re-raised.
             entry["error"] = repr(error)
+            _exit_cleanly_on_user_errors(error)
             raise
         finally:
             entry["wall_time_s"] = round(time.time() - start, 1)

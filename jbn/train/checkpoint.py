@@ -144,8 +144,9 @@ class Checkpointer:
     def reached_preemption(self, step: int) -> bool:
         """Whether all processes have reached the step JAX's preemption sync agreed on.
 
-        Call it after every step with the same counter on every process (see
-        `jbn.train.preemption`). False in single-process runs.
+        Call it after every train step with that step, on every process (`save`
+        reports its step too; see `jbn.train.preemption`). False in
+        single-process runs.
         """
         return self._manager.reached_preemption(step)
 

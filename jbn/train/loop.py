@@ -275,9 +275,9 @@ def _train(
 ) -> tuple[TrainState, datasets.Dataset, Mesh, dict[str, Any]]:
     """The body of `train_and_evaluate`: returns the final state and last record."""
     is_main = jax.process_index() == 0
-    notes = []
-    if checkpointer.latest_step() is not None:
-        notes = run_config.check_resume(workdir, config)
+    latest = checkpointer.latest_step()
+    stop.start(latest or 0)  # First: a preemption notice from now on is not missed.
+    notes = run_config.check_resume(workdir, config) if latest is not None else []
     mesh = config_schema.create_mesh(config)
     dataset = datasets.load(
         config.data.name,
@@ -360,7 +360,7 @@ def _train(
                     _check_finite(pending)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
                 # Every step, on every process: they must agree on where to stop.
-                stopping = stop.should_stop(step - start_step)
+                stopping = stop.should_stop(step)
                 if step % config.checkpoint_every_steps == 0 or (stopping and step < end):
                     _check_finite(pending)
                     checkpointer.save(step, state, sums.progress())

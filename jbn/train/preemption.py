@@ -14,20 +14,24 @@ Single process: Python handlers record the signal.
 Several processes: all must stop after the same step, or the others would
 wait forever in the next collective. JAX's distributed runtime catches
 SIGTERM on any process (its preemption notifier) and agrees with the others
-on a step to stop at: the fastest process's step + 1
+on a step to stop at: the fastest process's last step + 1
 (``multihost_utils.reached_preemption_sync_point``, which orbax's
-``CheckpointManager.reached_preemption`` wraps). `should_stop` asks it, with
-the count of steps this invocation has run (the same on every process, as all
-resume from the same checkpoint). SIGINT is forwarded to the process as
+``CheckpointManager.reached_preemption`` wraps). `should_stop` asks it after
+every step with the global train step, the counter orbax's own ``save`` also
+reports; `start` reports the step a resumed run starts from, before anything
+else, so that a notice during start-up is placed after it. (A notice that
+arrives before `start`, while the process is still starting, is missed: the
+run goes on as without these handlers.) SIGINT is forwarded to the process as
 SIGTERM, so Ctrl-C takes the same path.
 
 Example:
     >>> with StopRequests() as stop:  # doctest: +SKIP
-    ...     for count, batch in enumerate(batches, 1):
-    ...         state = step(state, batch)
-    ...         if stop.should_stop(count):
-    ...             checkpointer.save(int(state.step), state)
-    ...             raise Preempted(int(state.step), stop.signal_name, checkpointer.directory)
+    ...     stop.start(step)
+    ...     for batch in batches:
+    ...         state, step = train_step(state, batch), step + 1
+    ...         if stop.should_stop(step):
+    ...             checkpointer.save(step, state)
+    ...             raise Preempted(step, stop.signal_name, directory, stop.exit_code)
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ class StopRequests:
     (where Python cannot install handlers) it never requests a stop.
 
     Args:
-        sync: For runs of several processes, ``fn(count) -> bool``: whether all
+        sync: For runs of several processes, ``fn(step) -> bool``: whether all
             processes have reached the step agreed on after a preemption
             notice (e.g. ``Checkpointer.reached_preemption``). None for one
             process.
@@ -97,13 +101,18 @@ class StopRequests:
         """128 + the signal number (SIGTERM when another process received it)."""
         return 128 + (self._received or signal.SIGTERM)
 
-    def should_stop(self, count: int) -> bool:
-        """Whether to stop now, after this invocation's ``count``-th step (1, 2, ...).
+    def start(self, step: int) -> None:
+        """Reports the step training starts from (with ``sync``; a no-op without)."""
+        if self._sync is not None:
+            self._sync(step)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to stop now, after train step ``step``.
 
         With ``sync``, call it after every step on every process.
         """
         if self._sync is not None:
-            return self._sync(count)
+            return self._sync(step)
         return self._received is not None
 
     def _restore(self) -> None:
