@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import write_cifar10_dir
 
-from jbn.train import data, distributed, loop, plot, run_log
-from jbn.train.checkpoint import Checkpointer
+from jbn.train import data, distributed, loop, plot, run_config, run_log
+from jbn.train.checkpoint import Checkpointer, CheckpointMismatchError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -195,3 +196,115 @@ def test_train_py_config_overrides_metrics_and_plots(cifar_fixture_dir, tmp_path
     out = tmp_path / "both.png"
     plot.main([str(workdir), str(other), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "config_file, fixture, classes, image_shape",
+    [
+        ("cifar100.py", "cifar100_fixture_dir", 100, (32, 32, 3)),
+        ("mnist.py", "mnist_fixture_dir", 10, (28, 28, 1)),
+    ],
+)
+def test_trains_on_the_other_data_sets(
+    config_file, fixture, classes, image_shape, request, tmp_path
+):
+    data_dir = request.getfixturevalue(fixture)
+    config = _config(
+        config_file,
+        **{
+            "model.widths": (4, 8),
+            "data.data_dir": str(data_dir),
+            "data.batch_size": 32,
+            "data.eval_batch_size": 8,
+            "num_epochs": 1,
+            "max_steps": 3,
+        },
+    )
+    record = loop.train_and_evaluate(config, tmp_path)
+    assert record["step"] == 3 and record["test_count"] == 40
+    assert np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
+    with Checkpointer(tmp_path / "checkpoints") as checkpointer:
+        state = jax.device_get(
+            checkpointer.restore(
+                3,
+                loop.create_train_state(
+                    config,
+                    jax.random.key(0),
+                    distributed.create_mesh({"data": 1}, jax.devices()[:1]),
+                ),
+            )
+        )
+    assert state.params["head"]["kernel"].shape[-1] == classes
+    assert state.params["conv0"]["kernel"].shape[2] == image_shape[2]
+    assert config.data.augment == (image_shape[2] == 3)  # No crop + flip for digits.
+
+
+def test_resume_with_another_config_is_refused_and_touches_nothing(tiny, tmp_path, capsys):
+    loop.train_and_evaluate(_config_like(tiny, max_steps=2), tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    other = _config_like(tiny, max_steps=4)
+    other.model.widths = (8, 16)
+    other.optim.learning_rate = 0.2
+    with pytest.raises(run_config.ResumeMismatchError) as info:
+        loop.train_and_evaluate(other, tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"Cannot resume {tmp_path}: its checkpoints were trained with")
+    assert "  model.widths: [4, 8] -> [8, 16]" in message
+    assert "  optim.learning_rate: 0.1 -> 0.2" in message
+    assert "start afresh with another --workdir" in message and "num_epochs, max_steps" in message
+    assert (tmp_path / "config.json").read_text() == saved
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
+
+    # Fields that may change do not stop it; a longer one-cycle schedule is noted.
+    capsys.readouterr()
+    allowed = _config_like(tiny, max_steps=4, num_epochs=3, log_every_steps=3)
+    allowed.data.eval_batch_size = 24
+    assert loop.train_and_evaluate(allowed, tmp_path)["step"] == 4
+    assert (
+        "Note: num_epochs: 2 -> 3; the onecycle learning-rate schedule" in capsys.readouterr().out
+    )
+
+
+def test_checkpoint_of_another_model_without_config_json_gets_a_clear_error(tiny, tmp_path):
+    loop.train_and_evaluate(_config_like(tiny, max_steps=2), tmp_path)
+    (tmp_path / "config.json").unlink()  # Nothing to compare with: orbax finds the mismatch.
+    other = _config_like(tiny, max_steps=4)
+    other.model.widths = (8, 16)
+    with pytest.raises(CheckpointMismatchError, match=r"Checkpoint 2 in .* does not fit"):
+        loop.train_and_evaluate(other, tmp_path)
+
+
+def test_train_py_from_another_directory_fails_cleanly(tmp_path, cifar_fixture_dir):
+    def run(*args):
+        cmd = [sys.executable, str(REPO / "train.py"), f"--workdir={tmp_path / 'wd'}", *args]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    # The default config is found next to train.py; the bad value is one line, exit 2.
+    result = run("--config.num_epochs=0")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "config.num_epochs=0: must be an integer >= 1.\n"
+
+    # A data file that would run code: refused, named, nothing executed, exit 1.
+    evil = write_cifar10_dir(tmp_path / "evil" / "cifar-10-batches-py", 4, 4)
+    marker = tmp_path / "marker"
+    with open(evil / "test_batch", "wb") as f:
+        f.write(pickle_payload(f"touch {marker}"))
+    result = run(f"--config={REPO / 'configs' / 'tiny.py'}", f"--config.data.data_dir={evil}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"{evil / 'test_batch'}: refused to load: the pickle asks for posix.system"
+    )
+    assert not marker.exists()
+
+
+def pickle_payload(command):
+    """A pickle that runs ``os.system(command)`` when unpickled with pickle.load."""
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (command,)
+
+    return pickle.dumps({b"data": Payload(), b"labels": []}, protocol=2)
