@@ -23,7 +23,8 @@ import pytest
 from jbn.models import SmallBNConvNet
 from jbn.ops import native
 from jbn.ops.conv import PatchConv
-from jbn.train import distributed, loop
+from jbn.train import distributed
+from jbn.train import state as train_state
 
 # These check what happens on the CPU; on other platforms the XLA path runs.
 on_cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU lowering")
@@ -147,8 +148,8 @@ def test_train_loop_keeps_the_kernel_only_on_one_cpu_device():
     )
     one = distributed.create_mesh({"data": 1}, devices=jax.devices()[:1])
     eight = distributed.create_mesh({"data": -1})
-    assert loop._model_config(config, one).native_input_conv is True
-    assert loop._model_config(config, eight).native_input_conv is False
+    assert train_state._model_config(config, one).native_input_conv is True
+    assert train_state._model_config(config, eight).native_input_conv is False
 
 
 def _python(code, **env):

@@ -159,7 +159,9 @@ def make_train_step(config: Any, mesh: Mesh) -> Any:
     replicated = distributed.replicated(mesh)
     platform = mesh.devices.flat[0].platform
     step = functools.partial(
-        train_step, augment=config.data.augment, info=datasets.info(config.data.name)
+        train_step,
+        augment=config.data.augment,
+        info=datasets.info(config.data.get("name", "cifar10")),
     )
     return jax.jit(
         step,

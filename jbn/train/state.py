@@ -50,7 +50,7 @@ def create_train_state(
     Returns:
         A `TrainState` at step 0 with ``apply_fn`` and ``tx`` set.
     """
-    info = datasets.info(config.data.name)
+    info = datasets.info(config.data.get("name", "cifar10"))
     if steps_per_epoch is None:
         steps_per_epoch = data.num_train_steps(info.num_train, config.data.batch_size)
     model = make_model(_model_config(config, mesh))
