@@ -91,6 +91,10 @@ def _two_processes(workdir, data_dir, max_steps):
     return _run_processes(_two_process_cmds(workdir, data_dir, max_steps), _env(2))
 
 
+def _checkpoint_steps(workdir):
+    return [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+
+
 def _restore(workdir, data_dir):
     import runpy
 
@@ -142,9 +146,9 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(cifar_fixture_dir
     ]
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not (workdir / "checkpoints" / "2").exists():  # Both are training.
+        while not _checkpoint_steps(workdir):  # Both are training.
             assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
-            assert time.monotonic() < deadline, "no checkpoint 2"
+            assert time.monotonic() < deadline, "no checkpoint"
             time.sleep(0.05)
         procs[1].send_signal(signal.SIGTERM)  # Process 1 only, not the coordinator.
         codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
@@ -163,9 +167,5 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(cifar_fixture_dir
     assert steps[0] == steps[1], steps
     step = steps[0]
     assert 2 <= step < 1000
-    with Checkpointer(workdir / loop.CHECKPOINT_DIR) as checkpointer:
-        assert checkpointer.latest_step() == step
-
-    # Both resume from it and agree at the end.
-    resumed = _run_processes(_two_process_cmds(workdir, cifar_fixture_dir, step + 2, 100), _env(2))
-    assert f"at step {step}." in resumed[0] and "agree across 2 processes" in resumed[0]
+    # Saved by both together: the checkpoint restores (resuming from it is tested above).
+    assert _restore(workdir, cifar_fixture_dir)[0] == step
