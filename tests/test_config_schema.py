@@ -166,3 +166,25 @@ def test_resumable_fields_are_documented_in_readme():
     section = readme[readme.index("## Running on a cluster") :]
     for field in config_schema.resumable_fields():
         assert f"`{field}`" in section, f"README's 'Running on a cluster' lacks {field}"
+
+
+def test_a_batch_must_fit_in_the_training_set():
+    config = _default(**{"data.batch_size": 400})
+    config_schema.check_batch_fits(config, 400, "CIFAR-10")
+    with pytest.raises(config_schema.ConfigError) as info:
+        config_schema.check_batch_fits(config, 320, "CIFAR-10")
+    assert info.value.problems == [
+        "config.data.batch_size=400: must be at most 320, the training images of CIFAR-10."
+    ]
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_config_error():
+    with pytest.raises(
+        config_schema.ConfigError,
+        match=r"config.mesh=\{'data': 3\}: Mesh .* needs 3 devices, have 8",
+    ):
+        config_schema.create_mesh(_default(**{"mesh.data": 3}))
+    mesh = config_schema.create_mesh(
+        _default(**{"data.batch_size": 64, "data.eval_batch_size": 80})
+    )
+    assert mesh.shape == {"data": 8}

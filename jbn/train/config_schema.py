@@ -196,6 +196,8 @@ FIELDS: dict[str, Rule] = {
     "checkpoint_every_steps": Rule("int", low=1, resumable=True),
     "keep_checkpoints": Rule("int", low=1, optional=True, resumable=True),
     "log_every_steps": Rule("int", low=1, resumable=True),
+    # TensorBoard event files: None writes them when tensorboardX is installed.
+    "log.tensorboard": Rule("bool", optional=True, resumable=True),
 }
 
 

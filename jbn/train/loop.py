@@ -304,8 +304,6 @@ def _train(
         print(run_summary.describe(config.model, state.params, state.batch_stats, mesh), flush=True)
         run_config.write(workdir, config)
         run_log.truncate_after(workdir, start_step)
-        for note in notes:
-            print(f"Note: {note}", flush=True)
         if restored is not None:
             print(f"Resumed from {checkpointer.directory} at step {restored}.", flush=True)
         else:
@@ -314,6 +312,8 @@ def _train(
                 f"checkpoints in {checkpointer.directory}.",
                 flush=True,
             )
+        for note in notes:
+            print(f"Note: {note}", flush=True)
     scalars = resources.enter_context(
         contextlib.closing(
             tensorboard_log.open_writer(

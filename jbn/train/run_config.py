@@ -7,8 +7,8 @@ optimizer and data it was trained with, so any difference in a field whose
 rule is not ``resumable`` (`jbn.train.config_schema.FIELDS`) stops the run
 with a `ResumeMismatchError` naming the fields and both values. The fields
 that may change are `jbn.train.config_schema.resumable_fields()`: the
-length of the run (``num_epochs``, ``max_steps``), checkpoint and logging
-cadence, where the data is and how it is fed (``data.data_dir``,
+length of the run (``num_epochs``, ``max_steps``), checkpoint cadence,
+logging (``log_every_steps``, ``log.tensorboard``), where the data is and how it is fed (``data.data_dir``,
 ``data.download``, ``data.checksums``, ``data.eval_batch_size``,
 ``data.prefetch``), the device mesh and the implementation of the input
 convolution.
