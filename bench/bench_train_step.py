@@ -43,7 +43,7 @@ def jax_step(model):
     labels = jax.random.randint(jax.random.key(1), (BATCH,), 0, 10)
     variables = model.init(jax.random.key(2), images, train=False)
     tx = optax.sgd(0.1, momentum=0.9)
-    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+    state = (variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"]))
 
     def step(state, images, labels):
         params, batch_stats, opt_state = state
@@ -56,7 +56,7 @@ def jax_step(model):
                 mutable=["batch_stats"],
             )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, updates["batch_stats"]
+            return loss, updates.get("batch_stats", {})
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -55,16 +55,22 @@ def time_once(fn: Callable[[], None], min_seconds: float = 0.2) -> float:
 
 
 def interleaved_medians(
-    funcs: dict[str, Callable[[], None]], rounds: int = 7, min_seconds: float = 0.2
+    funcs: dict[str, Callable[[], None]],
+    rounds: int = 7,
+    min_seconds: float = 0.2,
+    pause_seconds: float = 0.0,
 ) -> dict[str, float]:
     """Median milliseconds per call of each function, measured in interleaved rounds.
 
     Each round times every function once, so slow drifts of a shared machine hit
-    all competitors alike.
+    all competitors alike. ``pause_seconds`` of sleep before each timing lets the
+    previous competitor's worker threads go idle (PyTorch's OpenMP workers spin
+    for a while after each call and slow whatever runs right after them).
     """
     samples: dict[str, list[float]] = {name: [] for name in funcs}
     for _ in range(rounds):
         for name, fn in funcs.items():
+            time.sleep(pause_seconds)
             samples[name].append(time_once(fn, min_seconds))
     return {name: statistics.median(values) for name, values in samples.items()}
 
