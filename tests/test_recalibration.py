@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jbn
+from jbn import models
 from jbn.models import SmallBNConvNet
 from jbn.tools.recalibration import batch_norm_moments, recalibrate_batch_stats
 
@@ -140,3 +141,29 @@ def test_errors():
     v = Twice().init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="called more than once"):
         recalibrate_batch_stats(functools.partial(Twice().apply, mutable=["batch_stats"]), v, [x])
+
+
+def test_recalibrating_a_resnet_from_one_batch_gives_its_batch_statistics():
+    # PreciseBN over one batch: each layer's moments in a train-mode pass, which a
+    # BatchNorm with momentum 0 stores as its running statistics in that same pass.
+    model = models.resnet_cifar(
+        8, shortcut="B", norm=functools.partial(jbn.BatchNorm, momentum=0.0)
+    )
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3)) * 2 + 0.5
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x)
+
+    def apply_fn(variables, batch):
+        return model.apply(variables, batch, train=True, mutable=["batch_stats"])
+
+    new = recalibrate_batch_stats(apply_fn, variables, [x])
+    _, expected = jax.jit(apply_fn)(variables, x)
+    assert jax.tree.structure(new["batch_stats"]) == jax.tree.structure(expected["batch_stats"])
+    # Nine layers (the stem, two per block, two projections), with a mean and a var each.
+    assert len(jax.tree.leaves(new["batch_stats"])) == 2 * 9
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+        new["batch_stats"],
+        expected["batch_stats"],
+    )
+    assert not np.allclose(new["batch_stats"]["layer3_0"]["bn1"]["var"], 1.0)
+    jax.tree.map(np.testing.assert_array_equal, new["params"], variables["params"])

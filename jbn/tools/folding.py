@@ -7,6 +7,11 @@ features on the kernel's last axis), the composition is one layer with
 ``kernel' = kernel * s`` and ``b' = s * (b - mean) + bias_bn``. The folded
 network computes the same eval outputs without the normalization pass.
 
+`fold_batch_norm` does it for a whole network: it traces one eval-mode call,
+pairs each BatchNorm with the layer whose output it normalizes, and returns the
+variables of the same network without norm layers (for the models of
+`jbn.models`: ``use_batch_norm=False``, whose convolutions have a bias).
+
 Example:
   >>> import jax.numpy as jnp
   >>> import jbn
@@ -19,13 +24,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["fold_into_conv", "fold_into_dense", "fold_small_bn_convnet"]
+from jbn.tools.recalibration import is_batch_norm
+
+__all__ = ["fold_batch_norm", "fold_into_conv", "fold_into_dense", "fold_small_bn_convnet"]
 
 Array = jax.Array
 
@@ -133,3 +141,104 @@ def fold_small_bn_convnet(variables: Mapping[str, Any], epsilon: float = 1e-5) -
         i += 1
     folded["head"] = dict(params["head"])
     return {"params": folded}
+
+
+def _norm_inputs(
+    apply_fn: Callable[[Any, Any], Any],
+    variables: Mapping[str, Any],
+    x: Any,
+    is_norm: Callable[[nn.Module], bool],
+) -> dict[tuple[str, ...], tuple[tuple[str, ...], float]]:
+    """``{norm path: (path of the layer it directly follows, its epsilon)}`` of one traced call."""
+    producers: dict[int, tuple[tuple[str, ...], Any]] = {}  # id(output) -> (path, output)
+    pairs: dict[tuple[str, ...], tuple[tuple[str, ...], float]] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__":
+            return out
+        path = tuple(module.path)
+        if is_norm(module):
+            source = producers.get(id(args[0]))
+            if source is None:
+                raise ValueError(
+                    f"norm layer {'/'.join(path)} does not directly follow a convolution or "
+                    "dense layer: there is nothing to fold it into"
+                )
+            if any(source[0] == producer for producer, _ in pairs.values()):
+                raise ValueError(f"layer {'/'.join(source[0])} feeds two norm layers")
+            pairs[path] = (source[0], module.epsilon)
+        elif module.has_variable("params", "kernel"):
+            producers[id(out)] = (path, out)  # The output is kept: its id stays unique.
+        return out
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(apply_fn, variables, x)
+    return pairs
+
+
+def fold_batch_norm(
+    apply_fn: Callable[[Any, Any], Any],
+    variables: Mapping[str, Any],
+    x: Any,
+    *,
+    is_norm: Callable[[nn.Module], bool] | None = None,
+) -> dict[str, Any]:
+    """Folds every BatchNorm of a network into the convolution or dense layer before it.
+
+    The network is traced once (``jax.eval_shape``, nothing is computed) to
+    find, for each norm layer, the layer whose output it takes directly; each
+    norm's own ``epsilon`` is used. That output must feed nothing else.
+
+    Args:
+      apply_fn: Runs the model in eval mode, e.g. ``lambda v, x: model.apply(v,
+        x, train=False)``.
+      variables: ``{"params", "batch_stats"}`` of the model.
+      x: An input (an array or a ``jax.ShapeDtypeStruct``) of the right shape.
+      is_norm: Which modules count as BatchNorm layers (default: ``jbn.BatchNorm``,
+        ``jbn.BatchRenorm``, ``flax.linen.BatchNorm``).
+
+    Returns:
+      ``{"params"}`` without the norm layers, every folded layer with a
+      ``kernel`` and a ``bias``: the variables of the same network without
+      normalisation (for `jbn.models`: ``use_batch_norm=False``), whose outputs
+      equal the model's eval-mode outputs.
+
+    Raises:
+      ValueError: If a norm layer does not directly follow a layer with a kernel.
+    """
+    pairs = _norm_inputs(apply_fn, variables, x, is_norm or is_batch_norm)
+    params = _copy(variables["params"])
+    stats = variables["batch_stats"]
+    for norm_path, (layer_path, epsilon) in pairs.items():
+        layer = _lookup(params, layer_path)
+        kernel, bias = _fold(
+            layer["kernel"],
+            layer.get("bias"),
+            _lookup(params, norm_path, {}),
+            _lookup(stats, norm_path),
+            epsilon,
+        )
+        layer.clear()
+        layer.update(kernel=kernel, bias=bias)
+        parent = _lookup(params, norm_path[:-1])
+        parent.pop(norm_path[-1], None)
+    return {"params": params}
+
+
+def _copy(tree: Any) -> Any:
+    return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+_MISSING = object()
+
+
+def _lookup(tree: Mapping[str, Any], path: tuple[str, ...], default: Any = _MISSING) -> Any:
+    for name in path:
+        if name not in tree:
+            if default is _MISSING:
+                raise KeyError(f"no variables at {'/'.join(path)}")
+            return default
+        tree = tree[name]
+    return tree

@@ -46,13 +46,14 @@ import numpy as np
 from jbn.core import normalization
 from jbn.linen import BatchNorm, BatchRenorm
 
-__all__ = ["batch_norm_moments", "recalibrate_batch_stats"]
+__all__ = ["batch_norm_moments", "is_batch_norm", "recalibrate_batch_stats"]
 
 Variables = Mapping[str, Any]
 ApplyFn = Callable[[Variables, Any], Any]
 
 
-def _default_is_norm(module: nn.Module) -> bool:
+def is_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``jbn.BatchNorm``, ``jbn.BatchRenorm`` or ``flax.linen.BatchNorm``."""
     return isinstance(module, (BatchNorm, BatchRenorm, nn.BatchNorm))
 
 
@@ -79,7 +80,7 @@ def batch_norm_moments(
     Raises:
       ValueError: If a layer is called more than once.
     """
-    is_norm = is_norm or _default_is_norm
+    is_norm = is_norm or is_batch_norm
     recorded: dict[tuple[str, ...], normalization.Moments] = {}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -136,7 +137,7 @@ def recalibrate_batch_stats(
 
     def moments_and_flags(variables, batch):
         def flagging(module: nn.Module) -> bool:
-            hit = (is_norm or _default_is_norm)(module)
+            hit = (is_norm or is_batch_norm)(module)
             if hit:
                 unbiased[tuple(module.path)] = getattr(module, "unbiased_running_var", False)
             return hit
