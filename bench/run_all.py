@@ -22,6 +22,7 @@ from jbn import cpu_tuning
 
 SCRIPTS = [
     ("bench.bench_train_step", ["--rounds", "5"], ["--rounds", "3"]),
+    ("bench.bench_resnet_step", ["--rounds", "5"], ["--rounds", "2", "--min-seconds", "1"]),
     ("bench.bench_batchnorm", ["--rounds", "7"], ["--rounds", "3"]),
     ("bench.bench_pooling", ["--rounds", "5"], ["--rounds", "3"]),
     ("bench.bench_folding", ["--rounds", "7"], ["--rounds", "3"]),

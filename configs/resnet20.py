@@ -5,9 +5,11 @@ crop + flip; plain cross-entropy) with the schedule shortened to the budget:
 5 epochs (1,955 steps) of a one-cycle LR peaking at 0.2 after one epoch. The
 paper trains 64k steps at 0.1 with two step decays; a one-cycle schedule
 reaches a good optimum in far fewer steps (Smith & Topin 2019), and with
-BatchNorm the net takes the doubled peak rate. On two cores a ResNet-20 step
-(batch 128) takes about 0.5 s (``python -m bench.bench_resnet_step``), so
-5 epochs and their evaluations fit in 30 minutes with room for a slower machine.
+BatchNorm the net takes the doubled peak rate. Budget: a ResNet-20 train step
+(batch 128) took 0.47 s on the 2-core machine here in the least loaded of our
+measurements (other jobs shared the cores; ``python -m bench.bench_resnet_step``
+measures it), so 5 epochs and their evaluations take about 16 minutes there and
+fit in 30 minutes up to steps of about 0.8 s.
 
 Run with ``python train.py --config configs/resnet20.py --workdir workdir_resnet20``.
 The same config runs the rest of the zoo: ``--config.model.name=resnet56``
