@@ -9,7 +9,9 @@ written here in plain PyTorch (same layers, same shortcut). Competitors run
 side by side in one process, in interleaved rounds, with a pause before each
 timing (PyTorch's OpenMP workers spin after each call and would slow the JAX
 step timed right after them); the median images/s and the ratios to jbn are
-printed, plus the compiled temp memory of the jitted steps.
+printed, plus the compiled temp memory of the jitted steps. On the CPU a row
+"jbn, XLA's default fusion emitters" compiles jbn's step without the train-step
+option of `jbn.cpu_tuning` (measured on SmallBNConvNet only).
 
 Run as ``train.py`` runs (the process re-executes itself with `jbn.cpu_tuning`'s
 settings, as ``bench.run_all`` does)::
@@ -29,6 +31,7 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
 
 from bench import timing  # noqa: E402
 from bench.bench_train_step import BATCH, jax_step  # noqa: E402
@@ -104,6 +107,10 @@ def main():
     flax_norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
     flax_run, flax_compiled = jax_step(resnet20(norm=flax_norm))
     funcs = {"jbn": jbn_run, "flax.linen": flax_run}
+    if cpu_tuning.train_step_compiler_options(jax.default_backend()):
+        # The train step's CPU compile option (the older fusion emitter) was measured
+        # on SmallBNConvNet; this row shows what it does to a deep network.
+        funcs["jbn, XLA's default fusion emitters"] = jax_step(resnet20(), compiler_options={})[0]
     for name, channels_last in (("torch NCHW", False), ("torch channels_last", True)):
         run = torch_step(channels_last)
         if run is not None:

@@ -37,8 +37,11 @@ def _flax_pool(x, window):
     return nn.max_pool(x, (window, window), (window, window))
 
 
-def jax_step(model):
-    """Returns (run, compiled) for a jitted, donated SGD step of ``model``."""
+def jax_step(model, compiler_options=None):
+    """Returns (run, compiled) for a jitted, donated SGD step of ``model``.
+
+    ``compiler_options`` default to those ``jbn.train.loop`` compiles its train step with.
+    """
     images = jax.random.normal(jax.random.key(0), (BATCH, 32, 32, 3))
     labels = jax.random.randint(jax.random.key(1), (BATCH,), 0, 10)
     variables = model.init(jax.random.key(2), images, train=False)
@@ -63,7 +66,9 @@ def jax_step(model):
         return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
     # Compiled as jbn.train.loop compiles its train step (same options for jbn and flax).
-    options = cpu_tuning.train_step_compiler_options(jax.default_backend())
+    options = compiler_options
+    if options is None:
+        options = cpu_tuning.train_step_compiler_options(jax.default_backend())
     jitted = jax.jit(step, donate_argnums=0, compiler_options=options)
     compiled = jitted.lower(state, images, labels).compile()
     holder = [state]
