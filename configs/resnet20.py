@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     model = config.model
     model.name = "resnet20"  # Any of jbn.models.model_names().
-    # The ResNets' own fields (SmallBNConvNet's widths and input-conv fields are ignored).
+    for field in ("widths", "patch_conv_channels", "native_input_conv"):
+        del model[field]  # SmallBNConvNet's fields (it takes its defaults from here).
+    # The ResNets' own fields.
     # None keeps the model's default: shortcut "A" for the CIFAR ResNets, "B" for
     # resnet18/34/50; stem "cifar" (3x3, no pooling) suits 32x32 images for all.
     model.stem = "cifar"

@@ -70,6 +70,8 @@ def test_command_line_runs_the_zoo():
         models.make_model(config.model).norm.keywords["clip_schedule"].keywords["warmup_steps"]
         == 100
     )
+    config = _parse("--config.model.name=SmallBNConvNet")
+    assert isinstance(models.make_model(config.model), models.SmallBNConvNet)
     with pytest.raises(ValueError, match="Unknown model 'resnet99'"):
         models.make_model(_parse("--config.model.name=resnet99").model)
 
