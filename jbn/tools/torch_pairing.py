@@ -14,6 +14,7 @@ layout change both ways, after checking every key and shape; used by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from jbn.tools.torch_layers import dense_from_torch_after_flatten, dense_to_torch_before_flatten
+from jbn.tools.torch_layers import dense_to_torch_before_flatten
 
 __all__ = ["KINDS", "Link", "links"]
 
@@ -176,9 +177,9 @@ class _Linker:
         ours: _JbnLayer,
         attr: str,
         where: Path,
-        shape: tuple,
-        to_jbn,
-        to_torch,
+        shape: tuple[int, ...],
+        to_jbn: Convert,
+        to_torch: Convert,
     ) -> Link:
         key = theirs.keys.get(attr)
         if key is None:
@@ -193,7 +194,9 @@ class _Linker:
             )
         return Link(key, (where[0], *ours.path, where[-1]), to_jbn, to_torch)
 
-    def optional(self, theirs, ours, attr: str, leaf: str, collection: str) -> bool:
+    def optional(
+        self, theirs: _TorchLayer, ours: _JbnLayer, attr: str, leaf: str, collection: str
+    ) -> bool:
         """Whether both or neither side has it; raises when only one does."""
         has_theirs = attr in theirs.keys
         has_ours = leaf in (ours.params if collection == "params" else ours.stats)
@@ -209,15 +212,14 @@ class _Linker:
         kernel_shape = tuple(ours.params["kernel"].shape)
         if ours.kind == "conv":
             torch_shape = (kernel_shape[-1], kernel_shape[-2], *kernel_shape[:-2])
-            to_jbn = lambda w: np.moveaxis(w, (0, 1), (-1, -2))  # noqa: E731
-            to_torch = lambda k: np.moveaxis(k, (-1, -2), (0, 1))  # noqa: E731
+            to_jbn, to_torch = _conv_kernel_to_jbn, _conv_kernel_to_torch
         else:
             torch_shape = kernel_shape[::-1]
             to_jbn, to_torch = np.transpose, np.transpose
             chw = self._chw(theirs, flatten_channels, kernel_shape[0])
-            if chw is not None:
-                to_jbn = lambda w: dense_from_torch_after_flatten(w, None, chw)["kernel"]  # noqa: E731
-                to_torch = lambda k: dense_to_torch_before_flatten(k, chw)  # noqa: E731
+            if chw is not None:  # The first Linear after a flatten of a C x H x W map.
+                to_jbn = functools.partial(_flattened_dense_to_jbn, chw_shape=chw)
+                to_torch = functools.partial(dense_to_torch_before_flatten, chw_shape=chw)
         links = [
             self.link(theirs, ours, "weight", ("params", "kernel"), torch_shape, to_jbn, to_torch)
         ]
@@ -259,6 +261,20 @@ class _Linker:
 
 def _same(value: np.ndarray) -> np.ndarray:
     return value
+
+
+def _conv_kernel_to_jbn(weight: np.ndarray) -> np.ndarray:
+    return np.moveaxis(weight, (0, 1), (-1, -2))  # (O, I, *window) -> (*window, I, O)
+
+
+def _conv_kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
+    return np.moveaxis(kernel, (-1, -2), (0, 1))
+
+
+def _flattened_dense_to_jbn(weight: np.ndarray, chw_shape: tuple[int, int, int]) -> np.ndarray:
+    """Rows from PyTorch's (C, H, W) flatten order to NHWC's (H, W, C), as in `torch_layers`."""
+    c, h, w = chw_shape
+    return weight.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
 
 
 def links(
