@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.activation = "relu"  # Or "sigmoid", "tanh".
     model.zero_init_residual = False
     # norm="renorm" (jbn.BatchRenorm): final clips r_max/d_max, reached after a
-    # warm-up of plain BatchNorm and a linear ramp; no warm-up: fixed clips.
+    # warm-up of plain BatchNorm and a linear ramp; neither set: fixed clips.
     model.renorm_r_max = 3.0
     model.renorm_d_max = 5.0
     model.renorm_warmup_steps = ml_collections.FieldReference(None, field_type=int)

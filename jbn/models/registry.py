@@ -69,14 +69,14 @@ def _norm_factory(model_config: Any) -> Callable[..., nn.Module] | None:
     kwargs = {"momentum": model_config.bn_momentum, "epsilon": model_config.bn_epsilon}
     if norm_name == "flax":
         return functools.partial(nn.BatchNorm, **kwargs)
-    warmup = model_config.get("renorm_warmup_steps")
+    warmup, ramp = model_config.get("renorm_warmup_steps"), model_config.get("renorm_ramp_steps")
     r_max, d_max = model_config.get("renorm_r_max", 3.0), model_config.get("renorm_d_max", 5.0)
-    if warmup is None:  # Fixed clips from the first step.
+    if warmup is None and ramp is None:  # Fixed clips from the first step.
         return functools.partial(BatchRenorm, r_max=r_max, d_max=d_max, **kwargs)
     schedule = functools.partial(
         renorm_clip_schedule,
-        warmup_steps=warmup,
-        ramp_steps=model_config.get("renorm_ramp_steps") or 0,
+        warmup_steps=warmup or 0,
+        ramp_steps=ramp or 0,
         r_max_final=r_max,
         d_max_final=d_max,
     )
@@ -91,7 +91,7 @@ def make_model(model_config: Any) -> nn.Module:
             ``bn_momentum``, ``bn_epsilon`` and optionally ``virtual_batch_size``,
             ``norm`` (one of `NORM_NAMES`; ``"renorm"`` reads ``renorm_r_max``,
             ``renorm_d_max``, ``renorm_warmup_steps`` and ``renorm_ramp_steps``:
-            fixed clips without a warm-up, else `jbn.renorm_clip_schedule`),
+            fixed clips when both steps are None, else `jbn.renorm_clip_schedule`),
             and the model's own fields: SmallBNConvNet's ``widths``,
             ``patch_conv_channels``, ``native_input_conv``; the ResNets'
             ``stem``, ``shortcut``, ``activation``, ``zero_init_residual``.

@@ -36,7 +36,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from jbn.models import registry
+from jbn.models import blocks, registry, resnet
 from jbn.train import datasets, distributed, optim
 
 __all__ = [
@@ -164,14 +164,25 @@ FIELDS: dict[str, Rule] = {
     "max_steps": Rule("int", low=1, optional=True, resumable=True),
     "model.name": Rule("choice", names=registry.model_names),
     "model.num_classes": Rule("int", low=1),
-    "model.widths": Rule("ints", low=1),
+    # SmallBNConvNet's own fields.
+    "model.widths": Rule("ints", low=1, required=False),
     "model.use_batch_norm": Rule("bool"),
     "model.norm": Rule("choice", names=lambda: registry.NORM_NAMES),
     "model.bn_momentum": Rule("number", low=0, high=1),
     "model.bn_epsilon": Rule("number", low=0, low_open=True),
     # Implementation choices with the same variables and maths: may change.
-    "model.patch_conv_channels": Rule("int", low=0, resumable=True),
-    "model.native_input_conv": Rule("bool", resumable=True),
+    "model.patch_conv_channels": Rule("int", low=0, resumable=True, required=False),
+    "model.native_input_conv": Rule("bool", resumable=True, required=False),
+    # The ResNets' own fields (jbn.models.resnet); None: the model's default shortcut.
+    "model.stem": Rule("choice", names=resnet.STEMS, required=False),
+    "model.shortcut": Rule("choice", names=blocks.SHORTCUTS, optional=True, required=False),
+    "model.activation": Rule("choice", names=lambda: tuple(blocks.ACTIVATIONS), required=False),
+    "model.zero_init_residual": Rule("bool", required=False),
+    # norm="renorm": final clips, reached after warm-up + ramp steps (None: fixed clips).
+    "model.renorm_r_max": Rule("number", low=1, required=False),
+    "model.renorm_d_max": Rule("number", low=0, required=False),
+    "model.renorm_warmup_steps": Rule("int", low=0, optional=True, required=False),
+    "model.renorm_ramp_steps": Rule("int", low=0, optional=True, required=False),
     "model.bn_stats": Rule("choice", names=distributed.BATCH_STATS_MODES),
     "model.virtual_batch_size": Rule("int", low=1, optional=True),
     "optim.name": Rule("choice", names=lambda: optim.OPTIMIZER_NAMES),
@@ -273,14 +284,18 @@ def _batch_stats_groups(config: Any) -> str | None:
     return None
 
 
-def _flax_norm_has_no_groups(config: Any) -> str | None:
-    if config.model.use_batch_norm and config.model.norm == "flax":
-        if config.model.bn_stats != "global":
-            return _bad(
-                "model.bn_stats",
-                config.model.bn_stats,
-                "'global' with model.norm='flax' (flax.linen.BatchNorm has no batch groups)",
-            )
+# Norm layers without batch groups (virtual_batch_size): only jbn.BatchNorm has them.
+_NORMS_WITHOUT_GROUPS = {"flax": "flax.linen.BatchNorm", "renorm": "jbn.BatchRenorm"}
+
+
+def _norm_without_groups(config: Any) -> str | None:
+    layer = _NORMS_WITHOUT_GROUPS.get(config.model.norm)
+    if config.model.use_batch_norm and layer and config.model.bn_stats != "global":
+        return _bad(
+            "model.bn_stats",
+            config.model.bn_stats,
+            f"'global' with model.norm={config.model.norm!r} ({layer} has no batch groups)",
+        )
     return None
 
 
@@ -295,7 +310,7 @@ CONSTRAINTS: tuple[Callable[[Any], str | None], ...] = (
     _num_classes_of_data,
     _augment_suits_data,
     _batch_stats_groups,
-    _flax_norm_has_no_groups,
+    _norm_without_groups,
     _nesterov_needs_momentum,
 )
 
