@@ -361,23 +361,53 @@ def test_vmap_axis_name_equals_the_global_batch():
     np.testing.assert_allclose(new["var"][0], new_ref["var"], rtol=1e-6)
 
 
-def test_saves_at_most_one_full_size_residual():
-    x = jnp.ones((8, 6, 6, 4)) * jnp.arange(4.0) + jnp.arange(8.0)[:, None, None, None]
-    params = jbn.init_params(4)
-    weights = jnp.cos(x)
-
-    def f(x, params):
-        y, _ = jbn.batch_norm(x, params, jbn.init_batch_stats(4), training=True)
-        return jnp.sum(y * weights)  # linear in y: the loss saves no residual of its own
-
+def _full_size_residuals(f, x, *args):
+    """(dtype, shape) of every residual of ``jax.vjp(f)`` with as many elements as ``x``."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        jax.ad_checkpoint.print_saved_residuals(f, x, params)
-    full = [line for line in out.getvalue().splitlines() if re.match(r"f32\[8,6,6,4\]", line)]
-    bn_full = [
-        line for line in full if "jbn/core/normalization.py" in line or "from the argument" in line
-    ]
-    assert len(bn_full) <= 1, out.getvalue()
+        jax.ad_checkpoint.print_saved_residuals(f, x, *args)
+    found = []
+    for line in out.getvalue().splitlines():
+        dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
+        shape = tuple(int(d) for d in dims.split(",") if d)
+        if np.prod(shape, dtype=int) >= x.size:  # any shape: reshaped copies count too
+            found.append((dtype, shape))
+    return found, out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs,dtype",
+    [
+        ((8, 6, 6, 4), dict(axis=-1), jnp.float32),
+        ((8, 4, 6, 6), dict(axis=1), jnp.float32),
+        ((8, 6, 6, 4), dict(virtual_batch_size=4), jnp.float32),
+        ((8, 6, 6, 4), dict(), jnp.bfloat16),
+    ],
+)
+def test_saves_one_full_size_residual_its_input(shape, kwargs, dtype):
+    x = jnp.asarray(np.random.default_rng(15).normal(size=shape), dtype)
+    axis = kwargs.get("axis", -1)
+
+    def f(x, params):
+        return jbn.batch_norm(
+            x, params, jbn.init_batch_stats(x.shape[axis]), training=True, **kwargs
+        )
+
+    found, text = _full_size_residuals(f, x, jbn.init_params(shape[axis]))
+    # One full-size array, x itself (in the input dtype), before and after any reshape.
+    assert [dtype for dtype, _ in found] == [{jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype]], text
+
+
+def test_with_a_mask_the_residuals_are_the_input_and_the_boolean_mask():
+    rng = np.random.default_rng(16)
+    x = jnp.asarray(rng.normal(size=(8, 6, 6, 4)), jnp.float32)
+    mask = jnp.asarray(rng.random((8, 6, 6, 1)) > 0.3)
+
+    def f(x, params):
+        return jbn.batch_norm(x, params, jbn.init_batch_stats(4), training=True, mask=mask)
+
+    found, text = _full_size_residuals(f, x, jbn.init_params(4))
+    assert sorted(found) == [("bool", x.shape), ("f32", x.shape)], text
 
 
 @pytest.mark.parametrize(

@@ -122,9 +122,10 @@ def _normalize_with_batch_stats_jvp(
     With ``d = x - mean``, ``a = scale * rstd`` and ``w`` the mask, the
     tangent is ``a * (dx - mean_w(dx)) - d * a * rstd^2 * mean_w(d dx)
     + d * rstd * dscale + dbias``. Its transpose (the backward pass) has the
-    same form, so reverse mode keeps one full-size residual, ``d``, which the
-    forward pass computes anyway, and needs two sums (one collective under
-    ``axis_name``).
+    same form and needs two sums (one collective under ``axis_name``). Both
+    products with ``d`` go through `_times_deviation`, so reverse mode keeps
+    one full-size residual, the input ``x`` (plus per-feature arrays), and
+    recomputes ``d`` from it.
     """
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents
@@ -135,13 +136,13 @@ def _normalize_with_batch_stats_jvp(
     y = centred * multiplier + offset
 
     dxf = dx.astype(centred.dtype)
-    weighted = dxf if mask is None else jnp.where(mask, dxf, 0)
+    weighted = dxf if mask is None else _valid_only(dxf, mask)
     # Two separate sums (not one stacked array): their transposes then stay
     # plain per-feature broadcasts that XLA:CPU hoists out of the element loop.
     sums = statistics.reduce_across_devices(
         (
             jnp.sum(weighted, reduction_axes, keepdims=True),
-            jnp.sum(weighted * centred, reduction_axes, keepdims=True),
+            jnp.sum(_times_deviation(x, mean, weighted, None), reduction_axes, keepdims=True),
         ),
         axis_name,
         axis_index_groups,
@@ -153,26 +154,45 @@ def _normalize_with_batch_stats_jvp(
     constant = -multiplier * mean_dx
     if bias is not None:
         constant = constant + dbias.astype(centred.dtype)
-    dy = dxf * multiplier + _scaled_deviation(x, mean, centred_coef, reduction_axes) + constant
+    deviation_term = _times_deviation(x, mean, centred_coef, reduction_axes)
+    dy = dxf * multiplier + deviation_term + constant
     primal_out = (y.astype(out_dtype), mean, var, count)
     tangent_out = (dy.astype(out_dtype), mean_dx, 2 * mean_centred_dx, jnp.zeros_like(count))
     return primal_out, tangent_out
 
 
-def _scaled_deviation(x: Array, mean: Array, coef: Array, reduction_axes: tuple[int, ...]) -> Array:
-    """``(x - mean) * coef`` (float32 or wider), with its own HLO for the backward reduction.
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def _valid_only(tangent: Array, mask: Array) -> Array:
+    """``where(mask, tangent, 0)``; its residual is the boolean mask, not a float array of zeros."""
+    return jnp.where(mask, tangent, 0)
 
-    Reverse mode turns this term into ``sum(g * (x - mean))``; written as
-    ``rows + (-mean)`` on `statistics.leading_axes_view` it is distinct from
-    every other ``x - mean``, so XLA:CPU fuses it into that reduction instead
-    of materialising a centred copy of ``x``.
+
+@functools.partial(jax.checkpoint, prevent_cse=False, static_argnums=(3,))
+def _times_deviation(
+    x: Array, mean: Array, factor: Array, rows_axes: tuple[int, ...] | None
+) -> Array:
+    """``(x - mean) * factor`` (float32 or wider), recomputed from ``x`` in reverse mode.
+
+    ``factor`` is a tangent, so this product is linear. Under ``jax.checkpoint``
+    its residuals are its inputs, ``x`` and the small ``mean``, instead of the
+    full-size ``x - mean``: reverse mode keeps ``x`` as the layer's only
+    full-size residual and recomputes ``x - mean`` where the backward pass
+    needs it (inside one ``jit``, fused into the consuming loop). No
+    optimisation barrier (``prevent_cse=False``): XLA schedules it freely.
+
+    With ``rows_axes`` (the reduced axes, for a per-feature ``factor``) the
+    subtraction is written as ``rows + (-mean)`` on
+    `statistics.leading_axes_view`, so it is distinct from every other
+    ``x - mean`` (the variance's ``rows - mean`` included): reverse mode turns the product into
+    ``sum(g * (x - mean))``, and XLA:CPU then fuses the subtraction into that
+    reduction instead of materialising a centred copy of ``x``.
     """
     xf = x.astype(statistics.stats_dtype(x.dtype))
-    rows = statistics.leading_axes_view(xf, reduction_axes)
+    rows = None if rows_axes is None else statistics.leading_axes_view(xf, rows_axes)
     if rows is None:
-        return (xf - mean) * coef
-    features = rows.shape[1:]
-    scaled = (rows + (-mean.reshape(features))) * coef.reshape(features)
+        return (xf - mean) * factor
+    features = (1, *rows.shape[1:])
+    scaled = (rows + (-mean).reshape(features)) * factor.reshape(features)
     return scaled.reshape(x.shape)
 
 
