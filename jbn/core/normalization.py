@@ -154,6 +154,11 @@ def _normalize_with_batch_stats_jvp(
     constant = -multiplier * mean_dx
     if bias is not None:
         constant = constant + dbias.astype(centred.dtype)
+    # One cast of both coefficients to per-device values: its transpose is the
+    # backward pass's only psum (two casts would transpose to two).
+    centred_coef, constant = statistics.as_varying_like(
+        tuple(jnp.broadcast_arrays(centred_coef, constant)), centred, axis_name
+    )
     deviation_term = _times_deviation(x, mean, centred_coef, reduction_axes)
     dy = dxf * multiplier + deviation_term + constant
     primal_out = (y.astype(out_dtype), mean, var, count)

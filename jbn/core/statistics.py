@@ -90,13 +90,46 @@ def _local_moments(
     return count, mean, m2
 
 
-def _gathered_type(x: Array, axis_name: AxisName) -> str:
-    """'invarying' inside ``shard_map`` (so results may be replicated outputs)."""
-    names = set(axis_name) if isinstance(axis_name, (tuple, list)) else {axis_name}
+def _axis_names(axis_name: AxisName) -> tuple[Any, ...]:
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def _varying_names(x: Array) -> frozenset:
+    """The mapped axes along which ``x`` varies (empty outside a checked ``shard_map``)."""
     aval = jax.typeof(x)
     manual = getattr(aval, "mat", None)  # jax >= 0.9; older releases call it `vma`
-    varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
-    return "invarying" if names <= set(varying) else "varying"
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", frozenset()))
+
+
+def _gathered_type(x: Array, axis_name: AxisName) -> str:
+    """'invarying' inside ``shard_map`` (so results may be replicated outputs)."""
+    return "invarying" if set(_axis_names(axis_name)) <= _varying_names(x) else "varying"
+
+
+def as_varying_like(
+    values: tuple[Array, ...], reference: Array, axis_name: AxisName
+) -> tuple[Array, ...]:
+    """``values`` cast to vary along ``axis_name`` where ``reference`` does, in one ``pcast``.
+
+    Inside a checked ``shard_map``, combining a device-invariant array with a
+    varying one inserts an implicit cast per operation, and reverse mode turns
+    each cast into its own ``psum``. Casting the per-feature coefficients of
+    the BatchNorm derivative together, stacked, keeps the backward pass at a
+    single ``psum``. Elsewhere (no ``axis_name``, ``vmap``, ``check_vma=False``)
+    it returns ``values`` unchanged.
+
+    Args:
+      values: Arrays of one shape.
+      reference: An array that varies along ``axis_name`` inside ``shard_map``.
+      axis_name: Mapped axis name(s), or None.
+    """
+    if axis_name is None or not set(_axis_names(axis_name)) <= _varying_names(reference):
+        return values
+    stacked = jnp.stack(values)
+    missing = tuple(n for n in _axis_names(axis_name) if n not in _varying_names(stacked))
+    if missing:
+        stacked = lax.pcast(stacked, missing, to="varying")
+    return tuple(stacked)
 
 
 def _merge_across_devices(
@@ -135,14 +168,18 @@ def keepdims_moments(
     return Moments(mean, m2 / jnp.maximum(count, 1), count)
 
 
-def reduce_across_devices(sums: Any, axis_name: AxisName, axis_index_groups: Any) -> Any:
-    """``psum`` of an array or a tuple of arrays (one collective) over ``axis_name``.
+def reduce_across_devices(
+    sums: tuple[Array, ...], axis_name: AxisName, axis_index_groups: Any
+) -> tuple[Array, ...]:
+    """``psum`` over ``axis_name`` of arrays of one shape, stacked into one operand.
 
+    One operand, so one collective both ways: reverse mode transposes it into a
+    single cast (checked ``shard_map``) or a single ``psum`` (``check_vma=False``).
     The identity when ``axis_name`` is None.
     """
     if axis_name is None:
         return sums
-    return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+    return tuple(lax.psum(jnp.stack(sums), axis_name, axis_index_groups=axis_index_groups))
 
 
 def moments(
