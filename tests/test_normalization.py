@@ -395,7 +395,9 @@ def test_saves_one_full_size_residual_its_input(shape, kwargs, dtype):
 
     found, text = _full_size_residuals(f, x, jbn.init_params(shape[axis]))
     # One full-size array, x itself (in the input dtype), before and after any reshape.
-    assert [dtype for dtype, _ in found] == [{jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype]], text
+    assert [dtype for dtype, _ in found] == [{jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype]], (
+        text
+    )
 
 
 def test_with_a_mask_the_residuals_are_the_input_and_the_boolean_mask():

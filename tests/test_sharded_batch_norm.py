@@ -108,7 +108,9 @@ def test_gradients_match_global_and_use_one_collective_each_way(mesh):
 
     grads = jax.jit(jax.grad(loss, (0, 1)))(x, params)
     grads_ref = jax.grad(loss_ref, (0, 1))(x, params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL), grads, grads_ref)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL), grads, grads_ref
+    )
 
     # Forward: the statistics take one all_gather and nothing else. Backward
     # (its program also holds the forward): that all_gather and one psum, which
@@ -118,7 +120,9 @@ def test_gradients_match_global_and_use_one_collective_each_way(mesh):
     backward = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, params).jaxpr
     assert sorted(_jaxpr_collectives(backward)) == ["all_gather", "psum"]
     # And in the compiled programs (after XLA's own combining).
-    collective = r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\("
+    collective = (
+        r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\("
+    )
     compiled = sharded.lower(x, mask, params, stats).compile().as_text()
     assert [m.group(1) for m in re.finditer(collective, compiled)] == ["all-gather"]
     compiled = jax.jit(jax.grad(loss, (0, 1))).lower(x, params).compile().as_text()
