@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jbn
+from jbn.core import validation
 
 EPS = 1e-5
 
@@ -55,7 +56,7 @@ SHAPES_AND_AXES = [
 def test_training_matches_float64_reference(shape, axis):
     rng = np.random.default_rng(0)
     x = rng.normal(2.0, 3.0, shape).astype(np.float32)
-    feature_axes = jbn.core.validation.canonical_axes(len(shape), axis)
+    feature_axes = validation.canonical_axes(len(shape), axis)
     fshape = tuple(shape[a] for a in feature_axes)
     params = {
         "scale": rng.normal(size=fshape).astype(np.float32),
