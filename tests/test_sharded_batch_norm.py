@@ -160,3 +160,35 @@ def test_plain_jit_with_a_sharded_batch_needs_no_axis_name(mesh):
     y_ref, new_ref = jbn.batch_norm(x, params, stats, training=True)
     np.testing.assert_allclose(y, y_ref, atol=TOL)
     np.testing.assert_allclose(new["var"], new_ref["var"], rtol=TOL)
+
+
+@pytest.fixture(scope="module")
+def sharded_moments(mesh):
+    return jax.jit(
+        jax.shard_map(
+            lambda x: jbn.moments(x, axis_name="data"), mesh=mesh, in_specs=P("data"), out_specs=P()
+        )
+    )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_merged_variance_is_accurate_when_mean_dominates(sharded_moments, seed):
+    # mean / std = 1e4 in float32, as test_normalization checks on one device:
+    # through the merge of 8 devices' moments the variance stays within 1e-5
+    # (measured: at most 3.2e-6 over 20 seeds; 1.5e-5 without the deviation sums).
+    x = np.random.default_rng(100 + seed).normal(1e4, 1.0, (256, 8, 8, 4)).astype(np.float32)
+    true = np.asarray(x, np.float64)
+    moments = sharded_moments(x)
+    # The mean within 3 float32 ulps at 1e4 (measured: 2; one device: 1).
+    np.testing.assert_allclose(moments.mean, true.mean((0, 1, 2)), rtol=3e-7)
+    np.testing.assert_array_less(np.abs(moments.var / true.var((0, 1, 2)) - 1), 1e-5)
+
+
+def test_merged_variance_with_masks_is_accurate_when_mean_dominates(mesh):
+    rng = np.random.default_rng(7)
+    x = rng.normal(1e4, 1.0, (64, 16, 4)).astype(np.float32)
+    mask = rng.random((64, 16, 1)) > 0.3
+    mask[:8] = False  # device 0 holds nothing valid
+    y, new = _sharded_bn(mesh, momentum=0.0)(x, mask, None, jbn.init_batch_stats(4))
+    valid = np.asarray(x, np.float64)[np.broadcast_to(mask, x.shape)].reshape(-1, 4)
+    np.testing.assert_array_less(np.abs(new["var"] / valid.var(0) - 1), 1e-5)
