@@ -1,4 +1,8 @@
-"""jbn.BatchNorm as a drop-in for flax.linen.BatchNorm (tolerance 1e-6)."""
+"""jbn.BatchNorm as a drop-in for flax.linen.BatchNorm.
+
+Tolerance 1e-6 (gradients: 1e-6 of the network's largest gradient; bfloat16
+outputs: 2e-2, their rounding).
+"""
 
 import flax.linen as nn
 import jax
@@ -96,7 +100,7 @@ def test_mask_matches_flax():
     v = theirs.init(jax.random.key(0), x)
     y_ours, s_ours = _run(ours, v, x, mask=mask)
     y_theirs, s_theirs = _run(theirs, v, x, mask=mask)
-    np.testing.assert_allclose(y_ours, y_theirs, atol=1e-5)
+    np.testing.assert_allclose(y_ours, y_theirs, atol=TOL)
     np.testing.assert_allclose(
         s_ours["batch_stats"]["var"], s_theirs["batch_stats"]["var"], rtol=TOL
     )
@@ -121,8 +125,13 @@ def test_gradients_match_flax_in_a_small_network():
 
     grad = jax.jit(jax.grad(loss), static_argnums=1)
     g_ours, g_theirs = grad(v["params"], jbn.BatchNorm), grad(v["params"], nn.BatchNorm)
+    # The first layer's bias gets a zero gradient (BatchNorm removes it), so
+    # the absolute tolerance is relative to the largest gradient of the network.
+    largest = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g_theirs))
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), g_ours, g_theirs
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL * largest),
+        g_ours,
+        g_theirs,
     )
 
 
@@ -136,5 +145,5 @@ def test_extras_track_count_and_unbiased_var():
     _, upd = m.apply(v, x, mutable=["batch_stats"])
     assert int(upd["batch_stats"]["count"]) == 1
     np.testing.assert_allclose(
-        upd["batch_stats"]["var"], np.var(np.asarray(x, np.float64), 0, ddof=1), rtol=1e-5
+        upd["batch_stats"]["var"], np.var(np.asarray(x, np.float64), 0, ddof=1), rtol=TOL
     )

@@ -70,13 +70,23 @@ def test_train_mode_updates_batch_stats_with_momentum():
     np.testing.assert_allclose(updates["batch_stats"]["bn0"]["mean"], expected, atol=1e-5)
 
 
-def test_eval_mode_is_pure():
+def test_eval_mode_uses_the_running_stats_only():
     model = SmallBNConvNet()
-    variables = _init(model)
-    x = jnp.ones((2, 32, 32, 3))
-    a = model.apply(variables, x, train=False)
-    b = model.apply(variables, x, train=False)
-    np.testing.assert_array_equal(a, b)
+    variables = _init(model, batch=4)
+    rng = np.random.default_rng(0)
+    variables["batch_stats"] = jax.tree.map(
+        lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), variables["batch_stats"]
+    )
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    logits, updates = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
+    # Each example's logits do not depend on the rest of the batch (in training they do).
+    alone = model.apply(variables, x[:1], train=False)
+    np.testing.assert_allclose(alone, logits[:1], rtol=1e-6, atol=1e-6)
+    trained = [
+        model.apply(variables, b, train=True, mutable=["batch_stats"])[0] for b in (x, x[:1])
+    ]
+    assert np.abs(trained[0][:1] - trained[1]).max() > 1e-2
 
 
 def test_flax_norm_gives_same_function():
@@ -91,8 +101,8 @@ def test_flax_norm_gives_same_function():
     (a, sa), (b, sb) = (
         m.apply(variables, x, train=True, mutable=["batch_stats"]) for m in (ours, theirs)
     )
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5), sa, sb)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), sa, sb)
 
 
 def test_make_model_from_config():
