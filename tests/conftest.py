@@ -44,6 +44,9 @@ jax.config.update("jax_threefry_partitionable", False)
 # on an H100 that moved a network's loss by 1.2e-4 relative. No-op on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# CI turns skips for missing optional packages into failures; --strict-promotion.
+pytest_plugins = ["run_modes", "pytester"]
+
 
 def write_cifar10_dir(
     path: str | pathlib.Path,
