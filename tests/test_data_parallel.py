@@ -137,3 +137,20 @@ def test_bad_mode_configs_raise(mode, vbs, message):
     mesh = distributed.create_mesh({"data": -1})
     with pytest.raises(ValueError, match=message):
         distributed.batch_stats_group_size(mode, 32, mesh, vbs)
+
+
+def test_create_mesh_takes_the_first_devices_when_asked_for_fewer():
+    # `train.py --config.mesh.data=1` on a host with several devices (README).
+    assert jax.device_count() == 8
+    for size in (1, 2, 4):
+        mesh = distributed.create_mesh({"data": size})
+        assert list(mesh.devices.flat) == jax.devices()[:size]
+    assert mesh.devices.size == 4 and mesh.axis_names == ("data",)
+    assert distributed.create_mesh({"data": -1}).devices.size == 8
+    assert distributed.create_mesh({"data": 2, "model": -1}).devices.shape == (2, 4)
+    with pytest.raises(ValueError, match=r"Mesh \{'data': 16\} needs 16 devices, have 8"):
+        distributed.create_mesh({"data": 16})
+    with pytest.raises(ValueError, match=r"needs 1 devices, have 2"):
+        distributed.create_mesh({"data": 1}, devices=jax.devices()[:2])  # explicit: all of them
+    with pytest.raises(ValueError, match=r"Mesh axis sizes must be positive or -1"):
+        distributed.create_mesh({"data": 0})

@@ -86,24 +86,35 @@ def maybe_initialize_distributed(
 def create_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a device mesh from ``{axis_name: size}``; one size may be -1 (the rest).
 
+    Without ``devices``, a mesh of explicit sizes that need fewer devices than
+    a single-process run has takes the first ones (``{"data": 1}``: one device
+    of a host with several); a size of -1 takes them all. A multi-process run
+    uses every device of every process.
+
     Args:
         axes: Ordered axis sizes, e.g. ``config.mesh`` = ``{"data": -1}``.
-        devices: Devices to use (default: ``jax.devices()``, all processes).
+        devices: Devices to use, all of them (default: ``jax.devices()``).
 
     Returns:
-        A ``Mesh`` over all ``devices``.
+        A ``Mesh`` over the devices.
 
     Raises:
-        ValueError: If the sizes do not multiply to the number of devices.
+        ValueError: If the sizes do not fit the devices.
     """
-    devices = list(jax.devices() if devices is None else devices)
     names = tuple(axes.keys())
     sizes = [int(axes[name]) for name in names]
     if sizes.count(-1) > 1:
         raise ValueError(f"At most one mesh axis may be -1, got {dict(axes)}.")
+    if any(size == 0 or size < -1 for size in sizes):
+        raise ValueError(f"Mesh axis sizes must be positive or -1, got {dict(axes)}.")
     known = int(np.prod([s for s in sizes if s != -1]))
+    if devices is None:
+        devices = jax.devices()
+        if -1 not in sizes and known < len(devices) and jax.process_count() == 1:
+            devices = devices[:known]
+    devices = list(devices)
     if -1 in sizes:
-        if known == 0 or len(devices) % known:
+        if len(devices) % known:
             raise ValueError(f"Mesh {dict(axes)} does not divide {len(devices)} devices.")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
