@@ -6,7 +6,7 @@ one process, in interleaved rounds; medians are reported with ratios to jbn.
 
 On a GPU, PyTorch runs there too (`bench.timing.torch_device`).
 
-  python bench/bench_batchnorm.py [--rounds 7] [--markdown out.md]
+  python -m bench.bench_batchnorm [--rounds 7] [--markdown out.md]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ process in interleaved rounds. The fake devices share this machine's cores,
 so the figure measures the extra work and synchronisation of the collectives,
 not a real interconnect.
 
-  python bench/bench_bn_modes.py [--rounds 5] [--markdown out.md]
+  python -m bench.bench_bn_modes [--rounds 5] [--markdown out.md]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Both jitted eval steps (batch 1000, random CIFAR-sized images) run side by side
 in one process, in interleaved rounds; prints the median milliseconds per step,
 the ratio, and the largest logit difference.
-Usage: ``python bench/bench_folding.py [--rounds 7] [--batch 1000]``.
+Usage: ``python -m bench.bench_folding [--rounds 7] [--batch 1000]``.
 """
 
 from __future__ import annotations

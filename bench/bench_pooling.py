@@ -2,7 +2,7 @@
 
 Runs both jitted train steps (batch 128, CIFAR-sized random data, augmentation
 on) side by side in one process, in interleaved rounds, and prints the median
-images/s and the ratio. Usage: ``python bench/bench_pooling.py [--rounds 5]``.
+images/s and the ratio. Usage: ``python -m bench.bench_pooling [--rounds 5]``.
 """
 
 from __future__ import annotations

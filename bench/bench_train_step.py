@@ -14,7 +14,7 @@ layer as XLA's patches @ kernel (`jbn.ops.conv.PatchConv`) and as
 
 On a GPU, PyTorch runs there too (`bench.timing.torch_device`).
 
-  python bench/bench_train_step.py [--rounds 5] [--markdown out.md]
+  python -m bench.bench_train_step [--rounds 5] [--markdown out.md]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ RGB input layer of a CNN). `PatchConv` has the variables of ``nn.Conv``
 (``kernel`` of shape ``(kh, kw, in, out)``, optional ``bias``) and computes
 the convolution as `jbn.ops.patch_conv.patch_conv` (patches @ kernel) or, with
 ``native=True`` on the CPU, as the compiled kernel `jbn.ops.native.conv3x3_small`.
-Use it where it measures faster (``bench/bench_train_step.py``).
+Use it where it measures faster (``python -m bench.bench_train_step``).
 
 Example:
     >>> import jax, jax.numpy as jnp

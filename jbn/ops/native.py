@@ -5,7 +5,7 @@ channels into 8, 16 or 32 outputs (NHWC, HWIO, float32). On the CPU its
 forward pass and kernel gradient run `csrc/conv3x3_small.cc`; on other
 platforms, and wherever the kernel is unavailable, the same function computes
 patches @ kernel with XLA (`jbn.ops.patch_conv`). Measured on SmallBNConvNet's train
-step: ``bench/bench_train_step.py``.
+step: ``python -m bench.bench_train_step``.
 
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX``,
 default ``g++``; about 15 s, once) against the XLA FFI headers that jaxlib
