@@ -72,9 +72,9 @@ def header(env: dict[str, str]) -> str:
             f"- JAX devices: {_jax_devices()} (PyTorch runs on a GPU too when JAX does)",
             f"- python {platform.python_version()}; {versions}",
             f"- load average when started: {load:.2f} (the machine is shared: compare ratios, not absolute times)",
-            f"- environment of every script (as train.py sets it, see jbn/cpu_tuning.py): "
-            f"MALLOC_MMAP_THRESHOLD_={env.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, "
-            f"XLA_FLAGS={env.get('XLA_FLAGS', '')!r}",
+            "- environment of every script (as train.py sets it, see jbn/cpu_tuning.py): "
+            + ", ".join(f"{key}={env.get(key, 'unset')}" for key in cpu_tuning.MALLOC_ENV)
+            + f", XLA_FLAGS={env.get('XLA_FLAGS', '')!r}",
             "",
         ]
     )

@@ -156,7 +156,11 @@ def test_report_table_numbers_and_plots(tmp_path):
     _write_run(root, "bn_lr0.1", True, 0.1, [0.5, 0.62, 0.66, 0.64], [100, 300, 200, 400], "done")
     _write_run(root, "bn_lr0.4", True, 0.4, [0.3, 0.65], [10, 20], "unfinished")
     _write_run(root, "bn_lr1", True, 1.0, [0.3, 0.1], [10, 30], "done")
-    log = {"command": "python -m jbn.sweep --sweep=s.py --root=runs", "wall_time_s": 61.0}
+    log = {
+        "command": "python -m jbn.sweep --sweep=s.py --root=runs "
+        "--sweep.base.data.data_dir=/home/someone/data/cifar-10-batches-py",
+        "wall_time_s": 61.0,
+    }
     failed = {**log, "wall_time_s": 2.0, "error": "KeyError()"}
     (root / sweep.SWEEP_LOG_FILE).write_text(json.dumps(log) + "\n" + json.dumps(failed) + "\n")
     out = tmp_path / "docs"
@@ -173,12 +177,26 @@ def test_report_table_numbers_and_plots(tmp_path):
     ]
     assert "Every run: seed 0, 4 epochs, batch 128" in text
     assert "Sweep wall time: 63 s over 2 invocation(s), 1 stopped by an error." in text
-    assert log["command"] in text
+    # The sweep's command, without the machine's data path.
+    assert "/home/someone" not in text
+    assert (
+        "python -m jbn.sweep --sweep=s.py --root=runs "
+        "--sweep.base.data.data_dir=/path/to/cifar-10-batches-py"
+    ) in text
     assert f"python -m jbn.report {root} --out {out}" in text
     for name in (report.ACCURACY_PLOT, report.LOSS_PLOT):
         assert f"]({name})" in text
         assert (out / name).read_bytes()[:8] == PNG
     assert report.epochs_to_reach([{"epoch": 0.5, "test_accuracy": 0.6}], 0.6) == 0.5
+
+
+def test_portable_command_hides_absolute_data_dirs_only():
+    assert (
+        report.portable_command("python train.py --config.data.data_dir /srv/c10 --workdir /w")
+        == "python train.py --config.data.data_dir /path/to/c10 --workdir /w"
+    )
+    relative = "python train.py --config.data.data_dir=data/cifar"
+    assert report.portable_command(relative) == relative
 
 
 def test_report_shows_batch_columns_when_they_vary(tmp_path):

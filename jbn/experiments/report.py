@@ -10,7 +10,8 @@ Reads every ``root/<variant>/`` written by `jbn.experiments.sweep` (``metrics.js
 - ``README.md``: one row per variant (BatchNorm or not, peak LR, batch and
   ghost batch sizes when they vary, final and best test accuracy, epochs to reach each threshold, diverged or not, median
   training images/s), the plots, the training setup and the exact commands
-  (from ``root/sweep_log.jsonl`` and this command).
+  (from ``root/sweep_log.jsonl`` and this command; an absolute data directory
+  becomes ``/path/to/<its name>``, so no machine's paths enter the docs).
 - ``test_accuracy.png`` and ``train_loss.png`` against epochs: BatchNorm runs
   solid, runs without dashed, one colour per learning rate (per run where
   BN and learning rate do not tell the runs apart; matplotlib, Agg).
@@ -37,7 +38,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from jbn.experiments import sweep  # noqa: E402
 from jbn.train import run_log  # noqa: E402
 
-__all__ = ["Run", "epochs_to_reach", "load_runs", "main", "markdown_table", "write_report"]
+__all__ = [
+    "Run",
+    "epochs_to_reach",
+    "load_runs",
+    "main",
+    "markdown_table",
+    "portable_command",
+    "write_report",
+]
 
 ACCURACY_PLOT = "test_accuracy.png"
 LOSS_PLOT = "train_loss.png"
@@ -206,6 +215,25 @@ def _setup(runs: Sequence[Run]) -> str:
     )
 
 
+def portable_command(command: str) -> str:
+    """``command`` with every absolute ``...data_dir`` value as ``/path/to/<its name>``.
+
+    Example:
+        >>> portable_command("python -m jbn.sweep --sweep.base.data.data_dir=/home/me/cifar")
+        'python -m jbn.sweep --sweep.base.data.data_dir=/path/to/cifar'
+    """
+    tokens = shlex.split(command)
+    for i, token in enumerate(tokens):
+        flag, equals, value = token.partition("=")
+        if not flag.startswith("--") or not flag.endswith("data_dir"):
+            continue
+        if equals and os.path.isabs(value):
+            tokens[i] = f"{flag}=/path/to/{pathlib.PurePath(value).name}"
+        elif not equals and i + 1 < len(tokens) and os.path.isabs(tokens[i + 1]):
+            tokens[i + 1] = f"/path/to/{pathlib.PurePath(tokens[i + 1]).name}"
+    return shlex.join(tokens)
+
+
 def write_report(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -241,7 +269,7 @@ def write_report(
         if log_path.exists()
         else []
     )
-    commands = [entry["command"] for entry in log]
+    commands = [portable_command(entry["command"]) for entry in log]
     if report_command:
         commands.append(report_command)
     wall = sum(entry["wall_time_s"] for entry in log)

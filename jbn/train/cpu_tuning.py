@@ -9,7 +9,9 @@ Settings read only at process start, so entry points (``train.py``,
 - ``--xla_cpu_experimental_ynn_fusion_type=dot,reduce``: keeps XLA's YNNPACK
   fusions for dots and reductions but not for convolutions, whose weight
   gradients YNNPACK runs several times slower than XLA's default kernels.
-  Measured: SmallBNConvNet train step 33 -> 17.5 ms (BENCHMARKS.md).
+  Measured when it was added (2026-11-24, the 2-core CPU machine of that day):
+  SmallBNConvNet train step 33 -> 17.5 ms. (BENCHMARKS.md's rows all run with
+  these settings; it has no untuned row.)
 
 The XLA flag is only added for jaxlib releases where it was measured
 (`TUNED_JAXLIB`): unknown XLA flags abort the process.
