@@ -10,9 +10,15 @@ step: ``python -m bench.bench_train_step``.
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX``,
 default ``g++``; about 15 s, once) against the XLA FFI headers that jaxlib
 ships, and cached under the user cache directory (``$JBN_CACHE_DIR`` or
-``pooch.os_cache("jbn")``), keyed by the source, jaxlib version and CPU. Without
-a compiler, or if the build fails (a warning says why), `available` is False
-and callers use XLA's path. Set ``JBN_NO_NATIVE=1`` to never build or use it.
+``pooch.os_cache("jbn")``), keyed by the source, jaxlib version and CPU, with
+its SHA-256 beside it: a cached library that does not match its checksum
+(truncated, damaged) is rebuilt before it is loaded. Without a compiler, or if
+the build fails (a warning says why), `available` is False and callers use
+XLA's path. Set ``JBN_NO_NATIVE=1`` to never build or use it.
+
+The kernel gradient sums each image in float32 over blocks of rows and the
+images in float64, in a fixed order: the same bits whatever the number of
+threads.
 
 Example:
     >>> import jax.numpy as jnp
@@ -80,14 +86,37 @@ def _library_path(compiler: str) -> pathlib.Path:
     return base / "native" / f"conv3x3_small-{key.hexdigest()[:16]}.so"
 
 
+def _checksum_path(library: pathlib.Path) -> pathlib.Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _is_intact(library: pathlib.Path) -> bool:
+    """Whether ``library`` exists and matches the checksum written when it was built."""
+    try:
+        return _checksum_path(library).read_text().strip() == _sha256(library)
+    except OSError:
+        return False
+
+
 def _build(compiler: str, target: pathlib.Path) -> None:
-    """Compiles the kernel into ``target`` (atomically: concurrent processes are safe)."""
+    """Compiles the kernel into ``target``, then writes its checksum beside it.
+
+    Both files are replaced atomically, so concurrent processes are safe: one
+    that finds the new library with the old checksum rebuilds it.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = pathlib.Path(scratch) / target.name
         command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE)]
         subprocess.run([*command, "-o", str(built)], check=True, capture_output=True, text=True)
+        checksum = _checksum_path(built)
+        checksum.write_text(_sha256(built) + "\n")
         os.replace(built, target)
+        os.replace(checksum, _checksum_path(target))
 
 
 @functools.cache
@@ -100,8 +129,19 @@ def _load() -> bool:
         return False
     library = _library_path(compiler)
     try:
-        if not library.exists():
+        if not _is_intact(library):
+            if library.exists():
+                warnings.warn(
+                    f"jbn.ops.native: the cached {library} does not match its checksum "
+                    "(damaged or from an older jbn); rebuilding it.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             _build(compiler, library)
+        # Loading a damaged shared library can crash the process (SIGBUS), so
+        # only a library that matches its checksum is loaded.
+        if not _is_intact(library):
+            raise OSError("the library does not match its checksum after the build")
         handlers = ctypes.CDLL(str(library))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
@@ -122,14 +162,27 @@ def available() -> bool:
     return _load()
 
 
-def supports(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype: Any) -> bool:
-    """Whether `conv3x3_small` runs natively on the CPU for these shapes and dtype.
+def supports(
+    x_shape: Sequence[int], kernel_shape: Sequence[int], dtype: Any, kernel_dtype: Any = None
+) -> bool:
+    """Whether `conv3x3_small` runs natively on the CPU for these shapes and dtypes.
 
-    Needs float32, ``x`` of shape ``(N, H, W, C)`` with ``1 <= C <= 4``, a
-    ``(3, 3, C, O)`` kernel with ``O`` in (8, 16, 32), ``W`` divisible by 4 (by 2
-    when ``O`` is 32), and `available`.
+    Needs float32 ``x`` and kernel, ``x`` of shape ``(N, H, W, C)`` with
+    ``1 <= C <= 4`` (``N`` may be 0), a ``(3, 3, C, O)`` kernel with ``O`` in
+    (8, 16, 32), ``W`` divisible by 4 (by 2 when ``O`` is 32), and `available`.
+
+    Args:
+        x_shape: Shape of the input.
+        kernel_shape: Shape of the kernel.
+        dtype: Dtype of the input (and of the kernel, unless ``kernel_dtype``).
+        kernel_dtype: Dtype of the kernel, when it differs from ``dtype``.
     """
-    if len(x_shape) != 4 or tuple(kernel_shape[:3]) != (3, 3, x_shape[-1]):
+    kernel_dtype = dtype if kernel_dtype is None else kernel_dtype
+    if len(x_shape) != 4 or len(kernel_shape) != 4:
+        return False
+    if tuple(kernel_shape[:3]) != (3, 3, x_shape[-1]) or min(x_shape[1:]) < 1:
+        return False
+    if jnp.dtype(kernel_dtype) != jnp.float32:
         return False
     channels, width, outputs = x_shape[-1], x_shape[2], kernel_shape[-1]
     pixels = 4 if outputs <= 16 else 2
@@ -174,10 +227,10 @@ def conv3x3_small(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _check(x: jax.Array, kernel: jax.Array) -> None:
-    if not supports(x.shape, kernel.shape, jnp.result_type(x, kernel)):
+    if not supports(x.shape, kernel.shape, x.dtype, kernel.dtype):
         raise ValueError(
-            f"conv3x3_small: unsupported x {x.shape} / kernel {kernel.shape} "
-            f"({jnp.result_type(x, kernel)}) or no native kernel; check jbn.ops.native.supports first."
+            f"conv3x3_small: unsupported x {x.shape} {x.dtype} / kernel {kernel.shape} "
+            f"{kernel.dtype} or no native kernel; check jbn.ops.native.supports first."
         )
 
 

@@ -99,7 +99,9 @@ def _patch_conv_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, Any]:
 def _patch_conv_bwd(residuals: Any, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     patches, kernel = residuals
     rows = patches.shape[0] * patches.shape[1] * patches.shape[2]
-    patch_matrix, g_matrix = patches.reshape(rows, -1), g.reshape(rows, -1)
+    # Explicit shapes (no -1): an empty batch has zero rows and a zero kernel gradient.
+    patch_matrix = patches.reshape(rows, patches.shape[-1])
+    g_matrix = g.reshape(rows, g.shape[-1])
     # (out, rows) @ (rows, kh*kw*C): the output gradient transposed, times the
     # patches as they are, so no copy of the (larger) patch matrix is needed.
     kernel_grad = lax.dot_general(g_matrix.T, patch_matrix, (((1,), (0,)), ((), ())))
