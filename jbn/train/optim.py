@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 __all__ = [
@@ -28,11 +29,55 @@ __all__ = [
     "kernel_mask",
     "make_optimizer",
     "make_schedule",
+    "onecycle_schedule",
 ]
 
 OPTIMIZER_NAMES = ("sgd",)  # config.optim.name
 SCHEDULE_NAMES = ("onecycle", "constant")  # config.optim.schedule
 WEIGHT_DECAY_TARGETS = ("all", "kernels")  # config.optim.weight_decay_on
+
+
+def onecycle_schedule(
+    total_steps: int,
+    peak_value: float,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> optax.Schedule:
+    """PyTorch's ``OneCycleLR(anneal_strategy="cos", three_phase=False)``, step for step.
+
+    The rate rises from ``peak / div_factor`` to ``peak`` by step
+    ``pct_start * total_steps - 1``, then falls to ``peak / div_factor /
+    final_div_factor`` at step ``total_steps - 1``, the last one trained, both
+    along half cosines (later steps keep the final rate). optax's
+    ``cosine_onecycle_schedule(total_steps)`` runs one step behind: it peaks at
+    ``int(pct_start * total_steps)`` and ends at ``total_steps``, a step never
+    trained (at 20 steps its last trained rate was 1.25e-3 instead of 4e-7).
+
+    Args:
+        total_steps: Number of steps trained.
+        peak_value: Largest learning rate (PyTorch's ``max_lr``).
+        pct_start: Fraction of the steps spent rising.
+        div_factor: Initial rate = ``peak_value / div_factor``.
+        final_div_factor: Final rate = initial rate / ``final_div_factor``.
+    """
+    initial = peak_value / div_factor
+    final = initial / final_div_factor
+    peak_step = float(pct_start * total_steps) - 1.0
+    last_step = float(total_steps - 1)
+
+    def half_cosine(start: float, end: float, fraction: jax.Array) -> jax.Array:
+        return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * jnp.clip(fraction, 0.0, 1.0)) + 1.0)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        rising = half_cosine(initial, peak_value, step / max(peak_step, 1e-9))
+        falling = half_cosine(
+            peak_value, final, (step - peak_step) / max(last_step - peak_step, 1.0)
+        )
+        return jnp.where(step <= peak_step, rising, falling)
+
+    return schedule
 
 
 def make_schedule(optim_config: Any, total_steps: int) -> optax.Schedule:
@@ -54,9 +99,8 @@ def make_schedule(optim_config: Any, total_steps: int) -> optax.Schedule:
     if name == "constant":
         return optax.constant_schedule(optim_config.learning_rate)
     if name == "onecycle":
-        # PyTorch's OneCycleLR(anneal_strategy="cos", three_phase=False).
-        return optax.cosine_onecycle_schedule(
-            transition_steps=max(total_steps, 1),
+        return onecycle_schedule(
+            total_steps,
             peak_value=optim_config.learning_rate,
             pct_start=optim_config.warmup_fraction,
             div_factor=optim_config.div_factor,
