@@ -32,7 +32,11 @@ class BatchNorm(nn.Module):
     deviations from the batch mean (two reductions, `jbn.core.statistics`), so
     it stays accurate when ``|mean| >> std`` (``use_fast_variance`` is accepted
     for compatibility; both settings give this variance), and the backward
-    pass is the closed form.
+    pass is the closed form. It runs under ``jax_numpy_rank_promotion="raise"``
+    and ``jax_numpy_dtype_promotion="strict"`` (bfloat16 inputs included).
+    Complex inputs, which ``flax.linen.BatchNorm(dtype=jnp.complex64)``
+    normalizes, raise a ``TypeError`` (on purpose: jbn's derivative and
+    statistics are for real activations).
 
     The extras (all off by default):
       unbiased_running_var: store ``n / (n - 1) * var`` like PyTorch.
@@ -154,7 +158,10 @@ def declare_variables(
         )
     if module.use_bias:
         params["bias"] = module.param("bias", module.bias_init, feature_shape, module.param_dtype)
-    dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
+    # flax.linen.BatchNorm's output dtype rule (standard promotion, also when
+    # jax_numpy_dtype_promotion="strict" is set: only a dtype is computed here).
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = dtypes.canonicalize_dtype(x, *params.values(), dtype=module.dtype)
     return feature_axes, params, variables, dtype
 
 

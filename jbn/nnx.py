@@ -43,7 +43,11 @@ class BatchNorm(nnx.Module):
     Normalization runs through :func:`jbn.batch_norm` (a variance from the
     deviations from the batch mean, accurate when ``|mean| >> std``,
     closed-form backward pass, masks, named axes); the running statistics stay
-    float32.
+    float32. Runs under ``jax_numpy_rank_promotion="raise"`` and
+    ``jax_numpy_dtype_promotion="strict"``; complex inputs raise a ``TypeError``
+    (``flax.nnx.BatchNorm`` normalizes them, but casts the complex batch mean
+    into its float32 running mean, dropping the imaginary part with a warning;
+    jbn's maths is for real inputs).
 
     Args:
       num_features: Number of input features.
@@ -158,10 +162,12 @@ class BatchNorm(nnx.Module):
             )
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
-        # Same dtype rules as flax.nnx.BatchNorm; the statistics themselves stay float32.
-        x, _, _, scale, bias = self.promote_dtype(
-            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
-        )
+        # Same dtype rules as flax.nnx.BatchNorm (standard promotion, also when
+        # jax_numpy_dtype_promotion="strict" is set); the statistics stay float32.
+        with jax.numpy_dtype_promotion("standard"):
+            x, _, _, scale, bias = self.promote_dtype(
+                (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+            )
         params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
         stats = {"mean": self.mean[...], "var": self.var[...]}
         if self.count is not None:

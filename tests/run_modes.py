@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -51,6 +53,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
     report = yield
     _fail_missing_module_skips(report)
     return report
+
+
+@contextlib.contextmanager
+def standard_promotion() -> Iterator[None]:
+    """JAX's default promotion rules inside, whatever ``--strict-promotion`` set.
+
+    For the references a test compares jbn against (flax, hand-written maths),
+    which are not what the strict pass checks: jbn itself runs outside it.
+    """
+    import jax
+
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        yield
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -54,6 +54,7 @@ def test_module_matches_definition(shape, group, unbiased):
     np.testing.assert_allclose(updates["batch_stats"]["var"], var_ref, atol=ATOL)
     # Eval mode ignores the groups: plain normalization with the running statistics.
     y_eval = module.apply(variables, x, use_running_average=True)
+    x = np.asarray(x)  # the reference in NumPy
     expected = params["scale"] * (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-3) + params["bias"]
     np.testing.assert_allclose(y_eval, expected, atol=ATOL)
 

@@ -39,6 +39,7 @@ def plain_batch_norm(x, scale, bias, red, eps=EPS):
     """Plain-autodiff reference (two-pass, no custom derivative)."""
     mean = jnp.mean(x, red, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), red, keepdims=True)
+    scale, bias = jnp.reshape(scale, mean.shape), jnp.reshape(bias, mean.shape)
     return (x - mean) / jnp.sqrt(var + eps) * scale + bias
 
 
@@ -248,11 +249,11 @@ def test_masked_gradients_match_autodiff_on_the_valid_subset_float64():
             return jnp.sum(jnp.where(mask, jnp.sin(y), 0.0))
 
         def ref(x):
-            m = mask.astype(x.dtype)
-            n = m.sum(0)
-            mean = (m * x).sum(0) / n
-            var = (m * (x - mean) ** 2).sum(0) / n
-            y = (x - mean) / jnp.sqrt(var + EPS) * g + b
+            m = jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+            n = m.sum(0, keepdims=True)
+            mean = (m * x).sum(0, keepdims=True) / n
+            var = (m * (x - mean) ** 2).sum(0, keepdims=True) / n
+            y = (x - mean) / jnp.sqrt(var + EPS) * g[None] + b[None]
             return jnp.sum(jnp.where(mask, jnp.sin(y), 0.0))
 
         grad, hessian = jax.jit(jax.grad(ours)), jax.jit(jax.hessian(ours))

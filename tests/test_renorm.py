@@ -67,12 +67,12 @@ def test_gradients_match_hand_written_reference_with_stopped_r_and_d():
     x, params, stats = _problem()
     dy = jax.random.normal(jax.random.key(0), x.shape)
 
-    def reference(x, scale, bias):
-        mu_b, var_b = x.mean(0), x.var(0)
-        sigma_b, sigma = jnp.sqrt(var_b + EPS), jnp.sqrt(stats["var"] + EPS)
+    def reference(x, scale, bias):  # on (1, C) rows, explicitly
+        mu_b, var_b = x.mean(0, keepdims=True), x.var(0, keepdims=True)
+        sigma_b, sigma = jnp.sqrt(var_b + EPS), jnp.sqrt(stats["var"][None] + EPS)
         r = jax.lax.stop_gradient(jnp.clip(sigma_b / sigma, 1 / 1.5, 1.5))
-        d = jax.lax.stop_gradient(jnp.clip((mu_b - stats["mean"]) / sigma, -0.5, 0.5))
-        return jnp.sum(dy * (scale * ((x - mu_b) / sigma_b * r + d) + bias))
+        d = jax.lax.stop_gradient(jnp.clip((mu_b - stats["mean"][None]) / sigma, -0.5, 0.5))
+        return jnp.sum(dy * (scale[None] * ((x - mu_b) / sigma_b * r + d) + bias[None]))
 
     def ours(x, scale, bias):
         y, _ = batch_renorm(

@@ -229,8 +229,8 @@ def normalize(
     x = jnp.asarray(x)
     feature_axes = validation.canonical_axes(x.ndim, axis)
     shape = _keepdims_shape(x.shape, feature_axes)
-    scale, bias = _params_keepdims(params, shape)
     stats_dtype = statistics.stats_dtype(x.dtype)
+    scale, bias = _params_keepdims(params, shape, stats_dtype)
     mean = jnp.reshape(mean, shape).astype(stats_dtype)
     var = jnp.reshape(var, shape).astype(stats_dtype)
     multiplier = lax.rsqrt(var + epsilon)
@@ -243,14 +243,20 @@ def normalize(
 
 
 def _params_keepdims(
-    params: Params | None, shape: tuple[int, ...]
+    params: Params | None, shape: tuple[int, ...], dtype: Any
 ) -> tuple[Array | None, Array | None]:
+    """``scale`` and ``bias`` reshaped to ``shape`` and cast to the statistics' ``dtype``.
+
+    Explicit shapes and dtypes, so that nothing relies on rank or dtype
+    promotion (``jax_numpy_rank_promotion="raise"``,
+    ``jax_numpy_dtype_promotion="strict"``).
+    """
     if params is None:
         return None, None
     scale, bias = params.get("scale"), params.get("bias")
     return (
-        None if scale is None else jnp.reshape(scale, shape),
-        None if bias is None else jnp.reshape(bias, shape),
+        None if scale is None else jnp.reshape(scale, shape).astype(dtype),
+        None if bias is None else jnp.reshape(bias, shape).astype(dtype),
     )
 
 
@@ -298,7 +304,7 @@ def batch_norm(
       ``(y, new_stats)``.
 
     Raises:
-      TypeError: If ``x`` is not floating point.
+      TypeError: If ``x`` is not real floating point (complex inputs are refused).
       ValueError: On bad shapes, hyper-parameters or masks (before any update).
     """
     x = jnp.asarray(x)
@@ -331,7 +337,9 @@ def batch_norm(
         x, mask, feature_axes = _split_into_ghost_batches(x, mask, feature_axes, virtual_batch_size)
     kept_axes = feature_axes if virtual_batch_size is None else (0, *feature_axes)
     reduction_axes = tuple(ax for ax in range(x.ndim) if ax not in kept_axes)
-    scale, bias = _params_keepdims(params, _keepdims_shape(x.shape, feature_axes))
+    scale, bias = _params_keepdims(
+        params, _keepdims_shape(x.shape, feature_axes), statistics.stats_dtype(x.dtype)
+    )
     y, mean, var, count = _normalize_with_batch_stats(
         x,
         scale,

@@ -74,8 +74,9 @@ def renorm_corrections(
     """
     batch_sigma = jnp.sqrt(batch.var + epsilon)
     running_sigma = jnp.sqrt(stats["var"].astype(batch.var.dtype) + epsilon)
+    running_mean = stats["mean"].astype(batch.mean.dtype)
     r = jnp.clip(batch_sigma / running_sigma, 1 / r_max, r_max)
-    d = jnp.clip((batch.mean - stats["mean"]) / running_sigma, -d_max, d_max)
+    d = jnp.clip((batch.mean - running_mean) / running_sigma, -d_max, d_max)
     return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
@@ -145,7 +146,8 @@ def batch_renorm(
         axis_index_groups=axis_index_groups,
     )
     r, d = renorm_corrections(batch, stats, r_max=r_max, d_max=d_max, epsilon=epsilon)
-    params = params or {}
+    # In the statistics' dtype, explicitly (also under jax_numpy_dtype_promotion="strict").
+    params = {k: v.astype(r.dtype) for k, v in (params or {}).items() if v is not None}
     scale = params.get("scale")
     scale = r if scale is None else scale * r
     bias = d if params.get("scale") is None else params["scale"] * d

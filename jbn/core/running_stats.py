@@ -71,19 +71,25 @@ def update_running_stats(
             "create them with init_batch_stats(..., with_count=True)."
         )
     new_mean_dtype, new_var_dtype = stats["mean"].dtype, stats["var"].dtype
+    mean, var, count = (lax.stop_gradient(s) for s in batch)
+    # The wider of the running and the batch dtype, chosen explicitly (no
+    # promotion, so it also runs under jax_numpy_dtype_promotion="strict").
+    dtype = max(jnp.dtype(new_mean_dtype), jnp.dtype(mean.dtype), key=lambda d: d.itemsize)
     if momentum is None:
-        decay = 1.0 - 1.0 / steps.astype(jnp.float32)
+        decay = 1.0 - 1.0 / steps.astype(dtype)
     else:
         decay = momentum
-    mean, var, count = (lax.stop_gradient(s) for s in batch)
+    mean, var, count = (s.astype(dtype) for s in (mean, var, count))
     if unbiased_running_var:
         var = var * count / jnp.maximum(count - 1, 1)
-    new_mean = decay * stats["mean"] + (1 - decay) * mean
-    new_var = decay * stats["var"] + (1 - decay) * var
+    new_mean = decay * stats["mean"].astype(dtype) + (1 - decay) * mean
+    new_var = decay * stats["var"].astype(dtype) + (1 - decay) * var
     new_stats = dict(stats)
-    new_stats["mean"] = jnp.where(count > 0, new_mean, stats["mean"]).astype(new_mean_dtype)
+    new_mean = jnp.where(count > 0, new_mean, stats["mean"].astype(dtype))
+    new_stats["mean"] = new_mean.astype(new_mean_dtype)
     min_count = 1 if unbiased_running_var else 0
-    new_stats["var"] = jnp.where(count > min_count, new_var, stats["var"]).astype(new_var_dtype)
+    new_var = jnp.where(count > min_count, new_var, stats["var"].astype(dtype))
+    new_stats["var"] = new_var.astype(new_var_dtype)
     if "count" in stats:
         new_stats["count"] = steps.astype(stats["count"].dtype)
     return new_stats

@@ -41,8 +41,14 @@ class Moments(NamedTuple):
 
 
 def stats_dtype(dtype: Any) -> Any:
-    """Statistics are accumulated in float32 or wider."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """Statistics are accumulated in float32 or wider.
+
+    Chosen explicitly, not by promotion, so it also holds under
+    ``jax_numpy_dtype_promotion="strict"`` (where bfloat16 and float32 do not promote).
+    """
+    dtype = jnp.dtype(dtype)
+    wide = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4
+    return dtype if wide else jnp.dtype(jnp.float32)
 
 
 def leading_axes_view(x: Array, reduction_axes: tuple[int, ...]) -> Array | None:
@@ -175,12 +181,12 @@ def _merge_across_devices(
         # all_gather over several axes adds one leading axis per name.
         gathered = gathered.reshape((-1, *gathered.shape[-(count.ndim + 1) :]))
     counts, means, m2s, deviation_sums = (gathered[:, i] for i in range(4))
-    total = jnp.sum(counts, 0)
-    safe_total = jnp.maximum(total, 1)
-    mean_all = (jnp.sum(counts * means, 0) + jnp.sum(deviation_sums, 0)) / safe_total
+    total = jnp.sum(counts, 0, keepdims=True)
+    sums = jnp.sum(counts * means, 0, keepdims=True) + jnp.sum(deviation_sums, 0, keepdims=True)
+    mean_all = sums / jnp.maximum(total, 1)
     offsets = means - mean_all
     m2_all = jnp.sum(m2s + 2 * offsets * deviation_sums + counts * jnp.square(offsets), 0)
-    return total, mean_all, jnp.maximum(m2_all, 0)
+    return total[0], mean_all[0], jnp.maximum(m2_all, 0)
 
 
 def keepdims_moments(
@@ -239,6 +245,7 @@ def moments(
       ``Moments(mean, var, count)`` shaped like the features.
     """
     x = jnp.asarray(x)
+    validation.check_input_dtype(x.dtype, "moments")
     feature_axes = validation.canonical_axes(x.ndim, axis)
     reduction_axes = tuple(ax for ax in range(x.ndim) if ax not in feature_axes)
     mask = validation.check_mask(mask, x.shape)
@@ -251,6 +258,6 @@ def moments(
 def average_ghost_moments(groups: Moments, feature_shape: tuple[int, ...]) -> Moments:
     """Count-weighted average over axis 0 of per-group moments."""
     mean, var, count = (s.reshape((-1, *feature_shape)) for s in groups)
-    total = jnp.sum(count, 0)
+    total = jnp.sum(count, 0, keepdims=True)
     weights = count / jnp.maximum(total, 1)
-    return Moments(jnp.sum(weights * mean, 0), jnp.sum(weights * var, 0), total / count.shape[0])
+    return Moments(jnp.sum(weights * mean, 0), jnp.sum(weights * var, 0), total[0] / count.shape[0])

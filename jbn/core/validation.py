@@ -92,6 +92,28 @@ def _check_feature_shape(
                 )
 
 
+def check_input_dtype(dtype: Any, name: str = "batch_norm") -> None:
+    """Checks that ``dtype`` is a real floating-point dtype.
+
+    Complex inputs are refused on purpose: ``flax.linen.BatchNorm(dtype=
+    jnp.complex64)`` normalizes them (its running mean turns from float32 into
+    complex64 at the first update), but jbn's closed-form derivative, its
+    merged statistics and its float32 running statistics are defined for real
+    activations.
+
+    Raises:
+      TypeError: If ``dtype`` is complex or not floating point.
+    """
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{name} expects a real floating-point input, got dtype {dtype}: complex inputs "
+            "are not supported (flax.linen.BatchNorm(dtype=jnp.complex64) normalizes them; "
+            "see the README's Flax module section)"
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} expects a floating-point input, got dtype {dtype}")
+
+
 def check_batch_norm_args(
     x: jax.Array,
     params: Mapping[str, Any] | None,
@@ -107,12 +129,11 @@ def check_batch_norm_args(
     """Checks the arguments of ``batch_norm`` and returns the feature axes.
 
     Raises:
-      TypeError: If ``x`` is not floating point.
+      TypeError: If ``x`` is not real floating point (complex inputs are refused).
       ValueError: On an empty input, mismatched feature counts, one value per
         feature in training, or bad hyper-parameters.
     """
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"batch_norm expects a floating-point input, got dtype {x.dtype}")
+    check_input_dtype(x.dtype)
     if x.ndim < 1:
         raise ValueError("batch_norm expects an input of rank >= 1, got a scalar")
     feature_axes = canonical_axes(x.ndim, axis)
