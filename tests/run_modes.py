@@ -37,7 +37,7 @@ def _fail_missing_module_skips(report: pytest.TestReport | pytest.CollectReport)
         report.outcome = "failed"
         report.longrepr = (
             f"{reason}\nCI is set, so this skip fails: CI must install every optional extra "
-            f'(pip install -e ".[test,torch]") and run the tests that need them.'
+            "(the README's test command) and run the tests that need them."
         )
 
 

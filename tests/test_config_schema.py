@@ -181,11 +181,12 @@ def test_a_batch_must_fit_in_the_training_set():
 
 
 def test_mesh_that_does_not_fit_the_devices_is_a_config_error():
+    # Fewer devices than the host has are the first ones (README: --config.mesh.data=1).
     with pytest.raises(
         config_schema.ConfigError,
-        match=r"config.mesh=\{'data': 3\}: Mesh .* needs 3 devices, have 8",
+        match=r"config.mesh=\{'data': 16\}: Mesh .* needs 16 devices, have 8",
     ):
-        config_schema.create_mesh(_default(**{"mesh.data": 3}))
+        config_schema.create_mesh(_default(**{"mesh.data": 16}))
     mesh = config_schema.create_mesh(
         _default(**{"data.batch_size": 64, "data.eval_batch_size": 80})
     )
