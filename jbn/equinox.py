@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn.core import normalization, validation
+from jbn.core import normalization, statistics, validation
 
 __all__ = ["BatchNorm"]
 
@@ -127,7 +127,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             raise ValueError(f"input_size must be a positive int, got {input_size!r}")
         validation.check_hyperparameters(momentum, eps)
         dtype = _default_floating_dtype() if dtype is None else jnp.dtype(dtype)
-        stats_dtype = jnp.promote_types(dtype, jnp.float32)
+        stats_dtype = statistics.stats_dtype(dtype)
         if channelwise_affine:
             self.weight = jnp.ones((input_size,), dtype)
             self.bias = jnp.zeros((input_size,), dtype)

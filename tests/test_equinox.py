@@ -216,7 +216,7 @@ def test_bfloat16_statistics_accumulate_in_float32():
 
 def _loss(model, state, x):
     y, state = _batched(model)(x, state)
-    return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape) / y.size), state
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size), state
 
 
 def test_filter_jit_and_filter_grad_match_equinox():
