@@ -5,6 +5,8 @@ BatchNorm-like layer (``jbn.BatchNorm``, ``flax.linen.BatchNorm``,
 ``jbn.BatchRenorm``) swaps in. `make_model` builds one from ``config.model``.
 
 - `SmallBNConvNet` (`jbn.models.small_cnn`): the seed CNN.
+- `MLP` (`jbn.models.mlp`): the fully connected sigmoid network of the
+  BatchNorm paper's Figure 1 (``config.model.name="mlp"``).
 - `ResNet`, `resnet18`, `resnet34`, `resnet50` (`jbn.models.resnet`):
   torchvision's ResNets, with a 32x32 ``stem="cifar"`` option.
 - `resnet20`, `resnet32`, `resnet56`, `resnet110`, `plain20`, `plain32`,
@@ -21,11 +23,13 @@ from jbn.models.cifar_resnet import (
     resnet110,
     resnet_cifar,
 )
+from jbn.models.mlp import MLP
 from jbn.models.registry import NORM_NAMES, make_model, model_names
 from jbn.models.resnet import ResNet, resnet18, resnet34, resnet50
 from jbn.models.small_cnn import SmallBNConvNet
 
 __all__ = [
+    "MLP",
     "NORM_NAMES",
     "ResNet",
     "SmallBNConvNet",

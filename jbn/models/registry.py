@@ -4,7 +4,8 @@
 the norm layer (`NORM_NAMES`): ``"jbn"`` (`jbn.BatchNorm`, with ghost batches
 when ``virtual_batch_size`` is set), ``"flax"`` (``flax.linen.BatchNorm``) or
 ``"renorm"`` (`jbn.BatchRenorm`). Each model reads the fields it knows and
-ignores the others (``widths`` is SmallBNConvNet's, ``stem`` the ResNets'), so
+ignores the others (``widths`` is SmallBNConvNet's and the MLP's, ``stem`` the
+ResNets'), so
 one config runs the whole zoo: ``--config.model.name=resnet56``.
 """
 
@@ -19,6 +20,7 @@ import flax.linen as nn
 from jbn.core.renorm import renorm_clip_schedule
 from jbn.linen import BatchRenorm
 from jbn.models import cifar_resnet, resnet
+from jbn.models.mlp import MLP
 from jbn.models.small_cnn import SmallBNConvNet
 
 __all__ = ["NORM_NAMES", "make_model", "model_names"]
@@ -29,6 +31,7 @@ _SMALL_CNN_FIELDS = ("widths", "patch_conv_channels", "native_input_conv")
 _RESNET_FIELDS = ("stem", "shortcut", "activation", "zero_init_residual")
 _MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
     "SmallBNConvNet": (SmallBNConvNet, _SMALL_CNN_FIELDS),
+    "mlp": (MLP, ("widths", "activation")),
     **{
         name: (getattr(resnet, name), _RESNET_FIELDS)
         for name in ("resnet18", "resnet34", "resnet50")
@@ -94,7 +97,8 @@ def make_model(model_config: Any) -> nn.Module:
             fixed clips when both steps are None, else `jbn.renorm_clip_schedule`),
             and the model's own fields: SmallBNConvNet's ``widths``,
             ``patch_conv_channels``, ``native_input_conv``; the ResNets'
-            ``stem``, ``shortcut``, ``activation``, ``zero_init_residual``.
+            ``stem``, ``shortcut``, ``activation``, ``zero_init_residual``;
+            the MLP's ``widths`` and ``activation``.
 
     Returns:
         The (unbound) flax module.
