@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.eval_batch_size = 1000
     config.data.augment = True  # Random crop (zero pad 4) + horizontal flip, on device.
     config.data.prefetch = 2  # Batches transferred ahead by a background thread (0: off).
+    # Train / evaluate on the first N images of each split only (None: all), to fit a budget.
+    config.data.num_train_examples = ml_collections.FieldReference(None, field_type=int)
+    config.data.num_test_examples = ml_collections.FieldReference(None, field_type=int)
 
     # Device mesh: axis name -> size; -1 takes the remaining devices.
     config.mesh = ml_collections.ConfigDict()
@@ -71,6 +74,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.log_every_steps = 50
+    # Also evaluate the test set at step 0 and every N steps (None: only after
+    # each epoch); all evaluations go to workdir/evals.jsonl (jbn.train.step_eval).
+    config.eval_every_steps = ml_collections.FieldReference(None, field_type=int)
+    # Percentiles of a value the model sows, on the first num_examples test
+    # images, at step 0 and every every_steps steps (None: off), into
+    # workdir/probe.jsonl (jbn.train.activation_probe). E.g. the MLP's
+    # intermediate="pre_activation_3", unit=0: one sigmoid input of its last layer.
+    config.probe = ml_collections.ConfigDict()
+    config.probe.every_steps = ml_collections.FieldReference(None, field_type=int)
+    config.probe.intermediate = ml_collections.FieldReference(None, field_type=str)
+    config.probe.unit = ml_collections.FieldReference(0, field_type=int)  # None: all units.
+    config.probe.percentiles = (15, 50, 85)
+    config.probe.num_examples = 1000
     config.log = ml_collections.ConfigDict()
     # TensorBoard event files in the workdir (jbn.train.tensorboard_log): None
     # writes them when tensorboardX is installed (pip install -e ".[tensorboard]").

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import write_cifar10_dir
 
-from jbn.train import data, distributed, loop, plot, run_config, run_log
+from jbn.train import data, distributed, evaluation, loop, plot, run_config, run_log
 from jbn.train.checkpoint import Checkpointer, CheckpointMismatchError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_no_retracing_after_first_step(tiny, mesh, cifar_fixture_dir, monkeypatc
         return wrapper
 
     monkeypatch.setattr(loop, "train_step", counting("train", loop.train_step))
-    monkeypatch.setattr(loop, "eval_step", counting("eval", loop.eval_step))
+    monkeypatch.setattr(evaluation, "eval_step", counting("eval", evaluation.eval_step))
     dataset = data.load_cifar10(cifar_fixture_dir, download=False)
     state = loop.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
     step = loop.make_train_step(tiny, mesh)

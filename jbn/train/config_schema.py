@@ -71,9 +71,9 @@ class Rule:
     Attributes:
         kind: ``"int"``, ``"number"`` (int or float, finite), ``"bool"``,
             ``"choice"`` (one of ``names``), ``"ints"`` (a non-empty sequence
-            of ints) or ``"path"`` (a non-empty string).
+            of ints), ``"path"`` or ``"name"`` (a non-empty string).
         low: Smallest allowed value (of each element for ``"ints"``), if any.
-        high: Largest allowed value, if any.
+        high: Largest allowed value (of each element for ``"ints"``), if any.
         low_open: ``low`` itself is excluded.
         high_open: ``high`` itself is excluded.
         names: For ``"choice"``: the names, or a function returning them.
@@ -127,9 +127,9 @@ class Rule:
                 isinstance(value, Sequence)
                 and not isinstance(value, str)
                 and len(value) > 0
-                and all(Rule("int", low=self.low).accepts(v) for v in value)
+                and all(Rule("int", low=self.low, high=self.high).accepts(v) for v in value)
             )
-        if self.kind == "path":
+        if self.kind in ("path", "name"):
             return isinstance(value, str) and bool(value)
         raise ValueError(f"Unknown rule kind {self.kind!r}.")
 
@@ -152,6 +152,7 @@ class Rule:
             "choice": "one of " + ", ".join(repr(name) for name in self.choices()),
             "ints": f"a non-empty sequence of integers{self._range_text()}",
             "path": "a non-empty path",
+            "name": "a non-empty name",
         }[self.kind]
         alternatives = [repr(v) for v in self.extra] + (["None"] if self.optional else [])
         return text + "".join(f", or {alt}" for alt in alternatives)
@@ -203,12 +204,22 @@ FIELDS: dict[str, Rule] = {
     "data.eval_batch_size": Rule("int", low=1, resumable=True),
     "data.augment": Rule("bool"),
     "data.prefetch": Rule("int", low=0, resumable=True),
+    # Subsets (the first N images): they change what is trained and measured.
+    "data.num_train_examples": Rule("int", low=1, optional=True),
+    "data.num_test_examples": Rule("int", low=1, optional=True),
     "mesh.data": Rule("int", low=1, extra=(-1,), resumable=True),
     "checkpoint_every_steps": Rule("int", low=1, resumable=True),
     "keep_checkpoints": Rule("int", low=1, optional=True, resumable=True),
     "log_every_steps": Rule("int", low=1, resumable=True),
     # TensorBoard event files: None writes them when tensorboardX is installed.
     "log.tensorboard": Rule("bool", optional=True, resumable=True),
+    # What is measured along the way (jbn.train.step_eval, jbn.train.activation_probe).
+    "eval_every_steps": Rule("int", low=1, optional=True, resumable=True),
+    "probe.every_steps": Rule("int", low=1, optional=True, resumable=True),
+    "probe.intermediate": Rule("name", optional=True, resumable=True),
+    "probe.unit": Rule("int", low=0, optional=True, resumable=True),
+    "probe.percentiles": Rule("ints", low=0, high=100, resumable=True),
+    "probe.num_examples": Rule("int", low=1, resumable=True),
 }
 
 
@@ -305,6 +316,18 @@ def _nesterov_needs_momentum(config: Any) -> str | None:
     return None
 
 
+def _probe_needs_a_name(config: Any) -> str | None:
+    probe = config.get("probe")
+    if probe is not None and probe.every_steps is not None and probe.intermediate is None:
+        return _bad(
+            "probe.intermediate",
+            None,
+            "the name of a value the model sows (e.g. 'pre_activation_3' of the mlp) "
+            f"when probe.every_steps={probe.every_steps}",
+        )
+    return None
+
+
 # Checks across fields, run once every field has passed its own rule.
 CONSTRAINTS: tuple[Callable[[Any], str | None], ...] = (
     _num_classes_of_data,
@@ -312,6 +335,7 @@ CONSTRAINTS: tuple[Callable[[Any], str | None], ...] = (
     _batch_stats_groups,
     _norm_without_groups,
     _nesterov_needs_momentum,
+    _probe_needs_a_name,
 )
 
 

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbn.train import distributed
 from jbn.train.datasets import (
     CIFAR10NotFoundError,
     Dataset,
@@ -38,6 +40,7 @@ __all__ = [
     "DatasetInfo",
     "augment",
     "crop_and_flip",
+    "device_batches",
     "eval_batches",
     "load_cifar10",
     "num_eval_steps",
@@ -46,6 +49,7 @@ __all__ = [
     "preprocess",
     "resolve_data_dir",
     "sample_crop_flip",
+    "take_examples",
     "train_batches",
 ]
 
@@ -56,6 +60,34 @@ CIFAR10_MEAN = CIFAR10.info.mean
 CIFAR10_STD = CIFAR10.info.std
 
 Batch = dict[str, np.ndarray]
+
+
+def take_examples(dataset: Dataset, data_config: Any) -> Dataset:
+    """Keeps the first ``config.data.num_train_examples`` / ``num_test_examples`` of each split.
+
+    Args:
+      dataset: The data set.
+      data_config: ``config.data``; an absent or None count keeps the whole split.
+
+    Returns:
+      The same data set, cut down (``info`` unchanged).
+
+    Raises:
+      ValueError: if a count is not an integer in [1, the examples of that split].
+    """
+    kept = {}
+    for split in ("train", "test"):
+        num = data_config.get(f"num_{split}_examples")
+        if num is None:
+            continue
+        images, labels = getattr(dataset, f"{split}_images"), getattr(dataset, f"{split}_labels")
+        if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= len(images):
+            raise ValueError(
+                f"config.data.num_{split}_examples={num!r}: must be an integer in "
+                f"[1, {len(images)}], the {split} examples of the data set."
+            )
+        kept.update({f"{split}_images": images[:num], f"{split}_labels": labels[:num]})
+    return dataset._replace(**kept) if kept else dataset
 
 
 def num_train_steps(num_examples: int, batch_size: int) -> int:
@@ -191,6 +223,16 @@ def prefetch(
     finally:
         stop.set()
         thread.join(timeout=5.0)
+
+
+def device_batches(iterator: Iterator[Batch], mesh: Any, prefetch_size: int) -> Iterator[Any]:
+    """Host batches as global arrays sharded over ``mesh`` (`distributed.put_batch`).
+
+    With ``prefetch_size > 0`` the transfers run that many batches ahead on a
+    background thread (`prefetch`).
+    """
+    put = functools.partial(distributed.put_batch, mesh=mesh)
+    return prefetch(iterator, prefetch_size, put=put) if prefetch_size > 0 else map(put, iterator)
 
 
 def preprocess(images_uint8: jax.Array, info: DatasetInfo = CIFAR10.info) -> jax.Array:

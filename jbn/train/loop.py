@@ -1,6 +1,7 @@
-"""Training library: jitted train/eval steps and the train-and-evaluate loop.
+"""Training library: the jitted train step and the train-and-evaluate loop.
 
-The train state and its initialisation live in `jbn.train.state` (re-exported here).
+The train state and its initialisation live in `jbn.train.state`, evaluation
+in `jbn.train.evaluation` (both re-exported here).
 
 The steps are plain functions of arrays, jitted once per run with explicit
 shardings over a device mesh (batch split over ``"data"``, state replicated)
@@ -25,7 +26,6 @@ import itertools
 import os
 import pathlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jbn.train import (
+    activation_probe,
     config_schema,
     cpu_tuning,
     data,
@@ -45,9 +46,11 @@ from jbn.train import (
     run_config,
     run_log,
     run_summary,
+    step_eval,
     tensorboard_log,
 )
 from jbn.train.checkpoint import Checkpointer
+from jbn.train.evaluation import eval_step, evaluate, make_eval_step
 from jbn.train.optim import make_schedule
 from jbn.train.state import TrainState, create_train_state
 
@@ -122,32 +125,6 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(
-    state: TrainState, batch: Batch, *, info: datasets.DatasetInfo = data.CIFAR10.info
-) -> Metrics:
-    """Masked evaluation sums with the running statistics; nothing is mutated.
-
-    Args:
-        state: The state to evaluate.
-        batch: ``dict(image, label, mask)``; rows with ``mask=False`` are padding.
-        info: The data set, whose channel statistics normalise the images.
-
-    Returns:
-        ``dict(loss_sum, correct, count)`` over the valid rows (float32).
-    """
-    logits = state.apply_fn(
-        _variables(state, state.params), data.preprocess(batch["image"], info), train=False
-    )
-    mask = batch["mask"].astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {
-        "loss_sum": jnp.sum(loss * mask),
-        "correct": jnp.sum(correct * mask),
-        "count": jnp.sum(mask),
-    }
-
-
 def make_train_step(config: Any, mesh: Mesh) -> Any:
     """``train_step`` jitted over ``mesh`` with the state donated.
 
@@ -170,49 +147,6 @@ def make_train_step(config: Any, mesh: Mesh) -> Any:
         donate_argnums=0,
         compiler_options=cpu_tuning.train_step_compiler_options(platform),
     )
-
-
-def make_eval_step(mesh: Mesh, info: datasets.DatasetInfo = data.CIFAR10.info) -> Any:
-    """``eval_step`` jitted over ``mesh`` for data set ``info``: ``step(state, batch) -> sums``."""
-    replicated = distributed.replicated(mesh)
-    return jax.jit(
-        functools.partial(eval_step, info=info),
-        in_shardings=(replicated, distributed.batch_sharding(mesh)),
-        out_shardings=replicated,
-    )
-
-
-def _device_batches(iterator: Iterator[Batch], mesh: Mesh, prefetch: int) -> Iterator[Batch]:
-    put = functools.partial(distributed.put_batch, mesh=mesh)
-    return data.prefetch(iterator, prefetch, put=put) if prefetch > 0 else map(put, iterator)
-
-
-def evaluate(
-    state: TrainState, dataset: data.Dataset, config: Any, mesh: Mesh, step_fn: Any
-) -> dict:
-    """Evaluates on the whole test set, every image exactly once.
-
-    Returns:
-        ``dict(test_loss, test_accuracy, test_count)`` as Python numbers.
-    """
-    batches = data.eval_batches(
-        dataset.test_images,
-        dataset.test_labels,
-        config.data.eval_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    totals = None
-    for batch in _device_batches(batches, mesh, config.data.prefetch):
-        sums = step_fn(state, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = int(totals["count"])
-    return {
-        "test_loss": float(totals["loss_sum"]) / max(count, 1),
-        "test_accuracy": float(totals["correct"]) / max(count, 1),
-        "test_count": count,
-    }
 
 
 def _check_finite(pending: list[tuple[int, Metrics]]) -> None:
@@ -287,6 +221,7 @@ def _train(
         download=config.data.download,
         checksums=config.data.checksums,
     )
+    dataset = data.take_examples(dataset, config.data)
     config_schema.check_batch_fits(config, len(dataset.train_images), dataset.info.title)
     batch_size = config.data.batch_size
     steps_per_epoch = data.num_train_steps(len(dataset.train_images), batch_size)
@@ -323,6 +258,18 @@ def _train(
     )
     p_train = make_train_step(config, mesh)
     p_eval = make_eval_step(mesh, dataset.info)
+    # Optional step-wise test evaluations and activation probe (both off by default).
+    run = {"start_step": start_step, "is_main": is_main}
+    eval_fn = functools.partial(evaluate, dataset=dataset, config=config, mesh=mesh, step_fn=p_eval)
+    evals = step_eval.StepEvaluations(
+        config.get("eval_every_steps"), workdir, eval_fn, steps_per_epoch, start_time, **run
+    )
+    preprocess = functools.partial(data.preprocess, info=dataset.info)
+    probe = activation_probe.ActivationProbe.from_config(
+        config.get("probe"), workdir, dataset.test_images, preprocess, mesh=mesh, **run
+    )
+    evals.start(state)
+    probe.start(state)
     record: dict[str, Any] = {}
     step = start_step
     for epoch in range(start_step // steps_per_epoch, -(-stop_step // steps_per_epoch)):
@@ -351,12 +298,14 @@ def _train(
         epoch_start, epoch_begin = time.perf_counter(), step
         pending, stopping = [], False
         try:
-            for batch in _device_batches(batches, mesh, config.data.prefetch):
+            for batch in data.device_batches(batches, mesh, config.data.prefetch):
                 state, metrics = p_train(state, batch, train_rng)
                 step += 1
                 pending.append((step, metrics))
                 sums.add(metrics)
                 bar.update(batch_size)
+                evals.after_step(step, state, epoch_end=step == end)
+                probe.after_step(step, state)
                 if step % config.log_every_steps == 0 or step == end:
                     last = jax.device_get(metrics)
                     _check_finite(pending)
@@ -392,6 +341,7 @@ def _train(
             "lr": float(schedule(step - 1)),
             "wall_time_s": time.time() - start_time,
         }
+        evals.add_epoch_record(record)
         # The epoch's record: metrics.jsonl and the console (process 0 only).
         if is_main:
             run_log.append(workdir, record)

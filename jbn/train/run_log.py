@@ -5,6 +5,11 @@ Each record holds at least ``epoch`` (fractional epochs done), ``step``,
 ``images_per_sec``, ``lr`` and ``wall_time_s``. On resume the file is cut back
 to the records at or before the restored step, so a killed and resumed run
 has the same lines as a straight one.
+
+The same functions keep a run's other step-indexed logs (``filename=``), e.g.
+the step-wise test evaluations (`jbn.train.step_eval`) and the activation
+probe (`jbn.train.activation_probe`): one JSON object per line, each with a
+``step``.
 """
 
 from __future__ import annotations
@@ -20,32 +25,35 @@ __all__ = ["METRICS_FILE", "append", "read", "truncate_after"]
 METRICS_FILE = "metrics.jsonl"
 
 
-def _path(workdir: str | os.PathLike) -> pathlib.Path:
-    return pathlib.Path(workdir) / METRICS_FILE
+def _path(workdir: str | os.PathLike, filename: str = METRICS_FILE) -> pathlib.Path:
+    return pathlib.Path(workdir) / filename
 
 
-def read(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Returns the records of ``workdir/metrics.jsonl`` (empty if none)."""
-    path = _path(workdir)
+def read(workdir: str | os.PathLike, filename: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """Returns the records of ``workdir/filename`` (empty if none)."""
+    path = _path(workdir, filename)
     if not path.exists():
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def append(workdir: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Appends one record (plain numbers and strings) as a JSON line."""
-    with open(_path(workdir), "a") as f:
+def append(
+    workdir: str | os.PathLike, record: Mapping[str, Any], filename: str = METRICS_FILE
+) -> None:
+    """Appends one record (plain numbers and strings) as a JSON line to ``workdir/filename``."""
+    with open(_path(workdir, filename), "a") as f:
         f.write(json.dumps(dict(record), sort_keys=True) + "\n")
 
 
-def truncate_after(workdir: str | os.PathLike, step: int) -> None:
+def truncate_after(workdir: str | os.PathLike, step: int, filename: str = METRICS_FILE) -> None:
     """Drops the records of steps after ``step`` (written after the last checkpoint)."""
-    records = read(workdir)
+    records = read(workdir, filename)
     kept = [r for r in records if r["step"] <= step]
     if len(kept) == len(records):
         return
-    tmp = _path(workdir).with_suffix(".jsonl.tmp")
+    path = _path(workdir, filename)
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-    os.replace(tmp, _path(workdir))
+    os.replace(tmp, path)
