@@ -6,8 +6,9 @@ a deep network of sigmoids barely trains; with it, it does. Here: ``plain20``
 without BatchNorm, at peak one-cycle learning rates 0.1 and 1.0, seeds 0 and
 1: 8 variants ``seed<k>_<bn|nobn>_lr<lr>`` (run in name order: seed 0 first).
 
-Budget: as ``depth_lr.py`` (150 steps of 64 images from the first 9,600
-training images, the first 1,000 test images evaluated every 25 steps), so
+Everything else and the budget as ``depth_lr.py`` (``configs/resnet20.py``'s
+recipe; 150 steps of 64 images from the first 9,600 training images, the
+first 1,000 test images evaluated every 25 steps), so
 the ReLU cells of that sweep are this one's reference: about 75 s per run on
 a 2-core CPU, 10 minutes in all. ``--sweep.base.model.name=plain56`` runs the
 56-layer plain network instead (about 2.8 times the cost).
