@@ -9,14 +9,25 @@ so ``load_state_dict(strict=True)`` accepts the result (after
 torch tensors or NumPy arrays.
 
 How layers are paired (`jbn.tools.torch_pairing`): by kind (convolution,
-dense, norm) and, within a kind, in order: the state dict's order against
-jbn's module paths in natural order (``conv2`` before ``conv10``), which is the
-creation order for flax's automatic names (``Conv_0``, ``Conv_1``, ...) and
-for `jbn.models` (whose ResNets even carry torchvision's names). So the seed
-notebook's ``Sequential`` (``block1.0``, ``block1.1``, ``head.1``), the
-``conv1``/``bn1``/``fc`` variant and torchvision's ResNets all map onto
-`jbn.models`. Every shape is checked; a missing, unexpected or mis-shaped key
-raises a ``ValueError`` that names it.
+dense, norm), then by name when that kind's names correspond one to one
+(``layer1.0.downsample.0`` <-> ``layer1_0/downsample_0``, as in `jbn.models`'
+ResNets), otherwise in order: PyTorch's registration order against jbn's module
+paths in natural order (``conv2`` before ``conv10``), which is the creation
+order for flax's automatic names (``Conv_0``, ``Conv_1``, ...) and for
+`jbn.models`. So the seed notebook's ``Sequential`` (``block1.0``,
+``block1.1``, ``head.1``), the ``conv1``/``bn1``/``fc`` variant and
+torchvision's ResNets all map onto `jbn.models`. Every shape is checked; a
+missing, unexpected or mis-shaped key raises a ``ValueError`` that names it.
+
+What the state dict's key order must be (`jbn.tools.torch_order`): PyTorch's
+own (``torch_model.state_dict()``), or any other order, sorted keys included
+(safetensors files, ``dict(sorted(...))``), when the keys still tell the
+registration order of layers of equal shape that do not pair by name: numbered
+modules (``Sequential``, ``ModuleList``) count in numeric order, but named
+siblings (``fc1``, ``fc2``) come in an unknown order. Layers of different
+shapes then pair by shape, and the convolutions are taken to come before the
+dense layers (the first of which reads the flattened map); two layers of equal
+shape in an unknown order raise an "ambiguous key order" ``ValueError``.
 
 Layouts (`jbn.tools.torch_layers`): Conv ``(O, I, *window)`` <-> kernel
 ``(*window, I, O)``; Linear ``(out, in)`` <-> ``(in, out)``; BatchNorm
@@ -113,7 +124,10 @@ def from_torch(
     """Fills jbn ``variables`` with the weights and running statistics of a PyTorch ``state_dict``.
 
     Args:
-      state_dict: ``torch_model.state_dict()`` (tensors or NumPy arrays).
+      state_dict: ``torch_model.state_dict()`` (tensors or NumPy arrays), in
+        PyTorch's key order or one that tells the order of equal layers (sorted
+        keys do for numbered modules, not for named siblings that do not pair
+        by name; see the module docstring).
       variables: ``model.init(...)`` of the jbn model, or ``jax.eval_shape`` of
         it; only the shapes and dtypes of ``params`` and ``batch_stats`` are read.
       spatial_shape: ``(H, W)`` of the map flattened before the first Linear,
@@ -125,7 +139,8 @@ def from_torch(
 
     Raises:
       ValueError: Naming the key when one is missing, unexpected or mis-shaped,
-        or the layers when the two networks do not pair up.
+        the layers when the two networks do not pair up, or two layers of equal
+        shape whose order the keys do not tell ("ambiguous key order").
     """
     shapes = {key: to_numpy(value).shape for key, value in state_dict.items()}
     out = _copy(dict(variables))

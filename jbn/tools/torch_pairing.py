@@ -4,25 +4,35 @@ The state dict is cut into layers by module name (``layer1.0.conv1.weight`` ->
 ``layer1.0.conv1``), the variables into the modules that hold arrays. Each is a
 convolution (a ``weight`` of 3+ dimensions / a ``kernel`` of 3+), a dense layer
 (2 dimensions) or a norm layer (``running_mean``/``running_var`` /
-``batch_stats``). Layers of each kind are paired in order: PyTorch's
-registration order (the state dict's) with jbn's module paths in natural order
-(numbers compared as numbers). `links` returns one `Link` per key, with the
-layout change both ways, after checking every key and shape; used by
-`jbn.tools.interop_torch`.
+``batch_stats``). Layers of each kind are paired:
+
+- by name, when the names of that kind's layers correspond one to one
+  (``layer1.0.downsample.0`` <-> ``layer1_0/downsample_0``: the parts between
+  dots, slashes and underscores are equal), whatever the key order;
+- otherwise in order: PyTorch's registration order (`jbn.tools.torch_order`
+  reconstructs it from the keys) with jbn's module paths in natural order
+  (numbers compared as numbers). Where the keys do not tell the order of
+  some layers (sorted keys, as in safetensors files), layers of equal shape
+  are paired in order and the others by shape; two layers of equal shape in
+  an unknown order raise an error rather than risk a silent swap.
+
+`links` returns one `Link` per key, with the layout change both ways, after
+checking every key and shape; used by `jbn.tools.interop_torch`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
-import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from jbn.tools.torch_layers import dense_to_torch_before_flatten
+from jbn.tools.torch_order import ModuleOrder, natural_key
 
 __all__ = ["KINDS", "Link", "links"]
 
@@ -41,6 +51,7 @@ class _TorchLayer:
     name: str  # Module name, "" for a state dict of one bare layer.
     keys: dict[str, str]  # Attribute ("weight", ...) -> state-dict key.
     kind: str = ""
+    shape: tuple[int, ...] = ()  # Of the weight (conv, dense) or the running stats (norm).
 
     def key(self, attr: str) -> str:
         return f"{self.name}.{attr}" if self.name else attr
@@ -57,6 +68,17 @@ class _JbnLayer:
     def name(self) -> str:
         return "/".join(self.path)
 
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        """What `_TorchLayer.shape` is for the PyTorch layer that matches this one."""
+        if self.kind == "norm":
+            return tuple(self.stats["mean"].shape)
+        kernel = tuple(self.params["kernel"].shape)
+        return (kernel[-1], kernel[-2], *kernel[:-2])  # (O, I, *window); (out, in) if dense.
+
+
+_Pair = tuple[_TorchLayer, _JbnLayer]
+
 
 @dataclasses.dataclass(frozen=True)
 class Link:
@@ -68,7 +90,8 @@ class Link:
     to_torch: Convert
 
 
-def _torch_layers(shapes: Mapping[str, tuple[int, ...]]) -> list[_TorchLayer]:
+def _torch_layers(shapes: Mapping[str, tuple[int, ...]], order: ModuleOrder) -> list[_TorchLayer]:
+    """The state dict's layers, in `order`."""
     layers: dict[str, _TorchLayer] = {}
     for key in shapes:
         module, _, attr = key.rpartition(".")
@@ -76,8 +99,10 @@ def _torch_layers(shapes: Mapping[str, tuple[int, ...]]) -> list[_TorchLayer]:
     for layer in layers.values():
         if "running_mean" in layer.keys or "running_var" in layer.keys:
             layer.kind = "norm"
+            layer.shape = shapes[layer.keys.get("running_mean") or layer.keys["running_var"]]
         elif "weight" in layer.keys and len(shapes[layer.keys["weight"]]) >= 2:
             layer.kind = "conv" if len(shapes[layer.keys["weight"]]) >= 3 else "dense"
+            layer.shape = shapes[layer.keys["weight"]]
         else:
             raise ValueError(
                 f"unexpected keys {sorted(layer.keys.values())}: PyTorch layer "
@@ -86,15 +111,12 @@ def _torch_layers(shapes: Mapping[str, tuple[int, ...]]) -> list[_TorchLayer]:
         for attr, key in layer.keys.items():
             if attr not in _TORCH_ATTRS[layer.kind]:
                 raise ValueError(f"unexpected key {key!r} in PyTorch {KINDS[layer.kind]} layer")
-    return list(layers.values())
+    return [layers[name] for name in order.modules]
 
 
 def _natural_key(path: Path) -> tuple[Any, ...]:
     """``("layer2_10", "conv1")`` sorts after ``("layer2_9", ...)``: digits compared as numbers."""
-    return tuple(
-        tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
-        for name in path
-    )
+    return tuple(natural_key(name) for name in path)
 
 
 def _leaf_dicts(tree: Mapping[str, Any], path: Path = ()) -> Iterator[tuple[Path, dict]]:
@@ -129,40 +151,119 @@ def _jbn_layers(variables: Mapping[str, Any]) -> list[_JbnLayer]:
     return layers
 
 
+def _words(names: Path) -> tuple[str, ...]:
+    """``("layer1", "0", "downsample", "0")`` and ``("layer1_0", "downsample_0")`` alike."""
+    return tuple(word for name in names for word in name.split("_"))
+
+
+def _by_name(theirs: list[_TorchLayer], ours: list[_JbnLayer]) -> list[_Pair] | None:
+    """Pairs by name when the names correspond one to one, else None."""
+    torch_words = {_words(tuple(layer.name.split("."))): layer for layer in theirs}
+    jbn_words = {_words(layer.path): layer for layer in ours}
+    if len(torch_words) != len(theirs) or len(jbn_words) != len(ours):
+        return None
+    if not theirs or torch_words.keys() != jbn_words.keys():
+        return None
+    return [(layer, jbn_words[words]) for words, layer in torch_words.items()]
+
+
+def _by_shape(
+    theirs: list[_TorchLayer], ours: list[_JbnLayer], order: ModuleOrder, label: str
+) -> list[_Pair] | None:
+    """Pairs layers of each shape in order, where the keys leave some order unknown.
+
+    Returns None when the order is known (pairing in order is right) or the
+    shapes differ between the two networks (pairing in order names the
+    difference). Raises when two layers of one shape come in an unknown order.
+    """
+    if all(order.certain(a.name, b.name) for a, b in itertools.combinations(theirs, 2)):
+        return None
+    torch_groups: dict[tuple[int, ...], list[_TorchLayer]] = {}
+    for layer in theirs:
+        torch_groups.setdefault(tuple(layer.shape), []).append(layer)
+    jbn_groups: dict[tuple[int, ...], list[_JbnLayer]] = {}
+    for layer in ours:
+        jbn_groups.setdefault(layer.torch_shape, []).append(layer)
+    if {s: len(g) for s, g in torch_groups.items()} != {s: len(g) for s, g in jbn_groups.items()}:
+        return None
+    for shape, group in torch_groups.items():
+        for a, b in itertools.combinations(group, 2):
+            if not order.certain(a.name, b.name):
+                raise ValueError(
+                    f"ambiguous key order: PyTorch {label} layers {a.name!r} and {b.name!r} "
+                    f"have the same shape {shape}, and the state dict's keys do not say which "
+                    "was registered first (they are not in PyTorch's order: sorted, as in a "
+                    "safetensors file?); pass torch_model.state_dict() as it is, or give the "
+                    "jbn modules PyTorch's names so that layers pair by name"
+                )
+    pairs = [
+        pair for s, group in torch_groups.items() for pair in zip(group, jbn_groups[s], strict=True)
+    ]
+    return sorted(pairs, key=lambda pair: _natural_key(pair[1].path))
+
+
+def _in_order(theirs: list[_TorchLayer], ours: list[_JbnLayer], label: str) -> list[_Pair]:
+    if len(theirs) > len(ours):
+        extra = [key for layer in theirs[len(ours) :] for key in layer.keys.values()]
+        raise ValueError(
+            f"unexpected keys {extra}: the state dict has {len(theirs)} {label} layers, "
+            f"the jbn variables {len(ours)}; pairing them in order leaves these over"
+        )
+    if len(ours) > len(theirs):
+        missing = [layer.name for layer in ours[len(theirs) :]]
+        raise ValueError(
+            f"missing keys: the state dict has {len(theirs)} {label} layers, the jbn "
+            f"variables {len(ours)}; pairing them in order leaves jbn {missing} over"
+        )
+    return list(zip(theirs, ours, strict=True))
+
+
 def _pairs(
-    torch_layers: list[_TorchLayer], jbn_layers: list[_JbnLayer]
-) -> list[tuple[_TorchLayer, _JbnLayer]]:
+    torch_layers: list[_TorchLayer], jbn_layers: list[_JbnLayer], order: ModuleOrder
+) -> list[_Pair]:
     pairs = []
     for kind, label in KINDS.items():
         ours = [layer for layer in jbn_layers if layer.kind == kind]
         theirs = [layer for layer in torch_layers if layer.kind == kind]
-        if len(theirs) > len(ours):
-            extra = [key for layer in theirs[len(ours) :] for key in layer.keys.values()]
-            raise ValueError(
-                f"unexpected keys {extra}: the state dict has {len(theirs)} {label} layers, "
-                f"the jbn variables {len(ours)}; pairing them in order leaves these over"
-            )
-        if len(ours) > len(theirs):
-            missing = [layer.name for layer in ours[len(theirs) :]]
-            raise ValueError(
-                f"missing keys: the state dict has {len(theirs)} {label} layers, the jbn "
-                f"variables {len(ours)}; pairing them in order leaves jbn {missing} over"
-            )
-        pairs += zip(theirs, ours, strict=True)
+        pairs += (
+            _by_name(theirs, ours)
+            or _by_shape(theirs, ours, order, label)
+            or _in_order(theirs, ours, label)
+        )
     return pairs
 
 
-def _flatten_inputs(torch_layers: list[_TorchLayer], shapes: Mapping) -> dict[str, int]:
-    """Channels of the conv map each dense layer reads (PyTorch order), if right after convs."""
-    channels, found = None, {}
-    for layer in torch_layers:
-        if layer.kind == "conv":
-            channels = shapes[layer.keys["weight"]][0]
-        elif layer.kind == "dense":
-            if channels is not None:
-                found[layer.name] = channels
-            channels = None
-    return found
+def _flatten_inputs(pairs: list[_Pair], order: ModuleOrder) -> dict[str, int]:
+    """Channels of the conv map each dense layer reads, if it reads one (by PyTorch name).
+
+    In a known order: each dense layer right after convolutions. Otherwise the
+    convolutions are taken to come first (a CNN's features, then its
+    classifier): the first dense layer reads the last convolution, both in jbn's
+    order of their partners; an error if the keys say otherwise.
+    """
+    if order.fully_certain:
+        channels, found = None, {}
+        for layer in sorted((theirs for theirs, _ in pairs), key=lambda t: order.position(t.name)):
+            if layer.kind == "conv":
+                channels = layer.shape[0]
+            elif layer.kind == "dense":
+                if channels is not None:
+                    found[layer.name] = channels
+                channels = None
+        return found
+    in_jbn_order = [theirs for theirs, _ in sorted(pairs, key=lambda p: _natural_key(p[1].path))]
+    convs = [layer for layer in in_jbn_order if layer.kind == "conv"]
+    denses = [layer for layer in in_jbn_order if layer.kind == "dense"]
+    for conv, dense in itertools.product(convs, denses):
+        conv_after = order.position(conv.name) > order.position(dense.name)
+        if conv_after and order.certain(conv.name, dense.name):
+            raise ValueError(
+                f"ambiguous key order: PyTorch dense layer {dense.name!r} comes before "
+                f"convolution {conv.name!r}, and the state dict's keys do not say where the "
+                "other dense layers sit (they are not in PyTorch's order), hence which one "
+                "reads a flattened map; pass torch_model.state_dict() as it is"
+            )
+    return {denses[0].name: convs[-1].shape[0]} if convs and denses else {}
 
 
 class _Linker:
@@ -296,11 +397,12 @@ def links(
     Raises:
       ValueError: Naming the key when one is missing, unexpected or mis-shaped.
     """
-    torch_layers = _torch_layers(shapes)
-    flatten = _flatten_inputs(torch_layers, shapes)
+    order = ModuleOrder(list(shapes))
+    pairs = _pairs(_torch_layers(shapes, order), _jbn_layers(variables), order)
+    flatten = _flatten_inputs(pairs, order)
     linker = _Linker(shapes, spatial_shape)
     found = []
-    for theirs, ours in _pairs(torch_layers, _jbn_layers(variables)):
+    for theirs, ours in pairs:
         if ours.kind == "norm":
             found += linker.norm(theirs, ours)
         else:
