@@ -163,3 +163,32 @@ def test_fold_batch_norm_refuses_a_norm_that_follows_no_kernel():
     variables = model.init(jax.random.key(0), x, train=False)
     with pytest.raises(ValueError, match="norm layer BatchNorm_1 does not directly follow"):
         fold_batch_norm(lambda v, x: model.apply(v, x, train=False), variables, x)
+
+
+class _Reused(nn.Module):
+    """Conv -> BN, with the conv's output also read elsewhere (a sum, a layer, the output)."""
+
+    reader: str
+
+    @nn.compact
+    def __call__(self, x, train):
+        z = nn.Conv(4, (3, 3))(x)
+        y = jbn.BatchNorm(use_running_average=not train)(z)
+        if self.reader == "sum":
+            return y + z
+        if self.reader == "layer":
+            return y + nn.Conv(4, (1, 1))(z)
+        return y, z
+
+
+@pytest.mark.parametrize("reader", ["sum", "layer", "output"])
+def test_fold_batch_norm_refuses_a_layer_whose_output_is_read_elsewhere(reader):
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    model = _Reused(reader)
+    variables = _randomize_batch_norms(model.init(jax.random.key(1), x, train=False))
+    with pytest.raises(
+        ValueError,
+        match=r"the output of layer Conv_0 feeds norm layer BatchNorm_0 and is also read "
+        r"elsewhere \((add|conv_general_dilated|returned)\)",
+    ):
+        fold_batch_norm(lambda v, x: model.apply(v, x, train=False), variables, x)

@@ -24,12 +24,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jbn.tools.recalibration import is_batch_norm
 
@@ -149,15 +150,19 @@ def _norm_inputs(
     x: Any,
     is_norm: Callable[[nn.Module], bool],
 ) -> dict[tuple[str, ...], tuple[tuple[str, ...], float]]:
-    """``{norm path: (path of the layer it directly follows, its epsilon)}`` of one traced call."""
-    producers: dict[int, tuple[tuple[str, ...], Any]] = {}  # id(output) -> (path, output)
+    """``{norm path: (path of the layer it directly follows, its epsilon)}`` of one traced call.
+
+    Each kernel layer's output and each norm's input are marked (``checkpoint_name``,
+    an identity) so that the jaxpr shows who else reads a folded layer's output.
+    """
+    producers: dict[int, tuple[tuple[str, ...], str]] = {}  # id(output) -> (path, marker)
     pairs: dict[tuple[str, ...], tuple[tuple[str, ...], float]] = {}
+    readers: dict[str, str] = {}  # Producer marker -> marker of the norm that reads it.
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        out = next_fun(*args, **kwargs)
         if context.method_name != "__call__":
-            return out
+            return next_fun(*args, **kwargs)
         path = tuple(module.path)
         if is_norm(module):
             source = producers.get(id(args[0]))
@@ -169,13 +174,65 @@ def _norm_inputs(
             if any(source[0] == producer for producer, _ in pairs.values()):
                 raise ValueError(f"layer {'/'.join(source[0])} feeds two norm layers")
             pairs[path] = (source[0], module.epsilon)
-        elif module.has_variable("params", "kernel"):
-            producers[id(out)] = (path, out)  # The output is kept: its id stays unique.
+            readers[source[1]] = f"{_MARKER}norm:{'/'.join(path)}"
+            args = (checkpoint_name(args[0], readers[source[1]]), *args[1:])
+            return next_fun(*args, **kwargs)
+        out = next_fun(*args, **kwargs)
+        if module.has_variable("params", "kernel") and isinstance(out, jax.Array):
+            marker = f"{_MARKER}{len(producers)}:{'/'.join(path)}"
+            out = checkpoint_name(out, marker)
+            producers[id(out)] = (path, marker)  # The output is kept: its id stays unique.
         return out
 
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(apply_fn, variables, x)
+        jaxpr = jax.make_jaxpr(apply_fn)(variables, x)
+    _check_only_the_norm_reads(jaxpr.jaxpr, readers)
     return pairs
+
+
+_MARKER = "jbn.tools.folding:"
+
+
+def _jaxprs(jaxpr: Any) -> Iterator[Any]:
+    """A jaxpr and the jaxprs nested in its equations (cond, scan, remat, pjit, ...)."""
+    yield jaxpr
+    for eqn in jaxpr.eqns:
+        for param in eqn.params.values():
+            for value in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(value, "jaxpr", value)  # A ClosedJaxpr's, or a Jaxpr.
+                if hasattr(inner, "eqns"):
+                    yield from _jaxprs(inner)
+
+
+def _is_marker(eqn: Any, name: str) -> bool:
+    return eqn.primitive.name == "name" and eqn.params["name"] == name
+
+
+def _check_only_the_norm_reads(jaxpr: Any, readers: Mapping[str, str]) -> None:
+    """Raises if anything but its norm layer reads a marked layer output."""
+    for inner in _jaxprs(jaxpr):
+        marked = {
+            eqn.outvars[0]: eqn.params["name"]
+            for eqn in inner.eqns
+            if eqn.primitive.name == "name" and eqn.params.get("name") in readers
+        }
+        for var, marker in marked.items():
+            others = [
+                eqn.primitive.name
+                for eqn in inner.eqns
+                if any(var is v for v in eqn.invars) and not _is_marker(eqn, readers[marker])
+            ]
+            if any(var is v for v in inner.outvars):
+                others.append("returned")
+            if others:
+                layer = marker.removeprefix(_MARKER).partition(":")[2]
+                norm = readers[marker].removeprefix(f"{_MARKER}norm:")
+                raise ValueError(
+                    f"the output of layer {layer} feeds norm layer {norm} and is also read "
+                    f"elsewhere ({', '.join(sorted(set(others)))}): folding {norm} into {layer} would "
+                    "change their input too; only a layer whose output feeds its norm layer "
+                    "alone can be folded"
+                )
 
 
 def fold_batch_norm(
@@ -189,7 +246,9 @@ def fold_batch_norm(
 
     The network is traced once (``jax.eval_shape``, nothing is computed) to
     find, for each norm layer, the layer whose output it takes directly; each
-    norm's own ``epsilon`` is used. That output must feed nothing else.
+    norm's own ``epsilon`` is used. That output must feed nothing else (no
+    residual sum, no other layer, not the network's output): the trace is
+    checked for it.
 
     Args:
       apply_fn: Runs the model in eval mode, e.g. ``lambda v, x: model.apply(v,
@@ -206,7 +265,8 @@ def fold_batch_norm(
       equal the model's eval-mode outputs.
 
     Raises:
-      ValueError: If a norm layer does not directly follow a layer with a kernel.
+      ValueError: If a norm layer does not directly follow a layer with a kernel,
+        or that layer's output feeds something else too.
     """
     pairs = _norm_inputs(apply_fn, variables, x, is_norm or is_batch_norm)
     params = _copy(variables["params"])
