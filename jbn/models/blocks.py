@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jbn.models.norm import ModuleFactory
+
 __all__ = [
     "ACTIVATIONS",
     "HE_NORMAL",
@@ -33,7 +35,6 @@ __all__ = [
     "shortcut_a",
 ]
 
-ModuleFactory = Callable[..., nn.Module]
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "sigmoid": nn.sigmoid,

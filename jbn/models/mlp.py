@@ -30,20 +30,17 @@ Example:
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jbn.linen import BatchNorm
 from jbn.models.blocks import ACTIVATIONS
+from jbn.models.norm import ModuleFactory, norm_factory
 
 __all__ = ["MLP", "pre_activation_name"]
-
-ModuleFactory = Callable[..., nn.Module]
 
 
 def pre_activation_name(layer: int) -> str:
@@ -81,14 +78,6 @@ class MLP(nn.Module):
     norm: ModuleFactory | None = None
     dtype: Any = jnp.float32
 
-    def _norm_factory(self) -> ModuleFactory:
-        if self.norm is not None:
-            return self.norm
-        kwargs: dict[str, Any] = {"momentum": self.momentum, "epsilon": self.epsilon}
-        if self.virtual_batch_size is not None:
-            kwargs["virtual_batch_size"] = self.virtual_batch_size
-        return functools.partial(BatchNorm, **kwargs)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Computes logits.
@@ -110,7 +99,12 @@ class MLP(nn.Module):
                 f"Unknown activation {self.activation!r}; expected one of {tuple(ACTIVATIONS)}."
             )
         activation = ACTIVATIONS[self.activation]
-        norm = self._norm_factory()
+        norm = norm_factory(
+            self.norm,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            virtual_batch_size=self.virtual_batch_size,
+        )
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.widths):
             x = nn.Dense(

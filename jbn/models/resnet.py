@@ -24,15 +24,13 @@ Example:
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jbn.linen import BatchNorm
 from jbn.models.blocks import (
     ACTIVATIONS,
     HE_NORMAL,
@@ -41,10 +39,10 @@ from jbn.models.blocks import (
     Bottleneck,
     conv_layer,
 )
+from jbn.models.norm import ModuleFactory, norm_factory
 
 __all__ = ["BLOCKS", "STEMS", "ResNet", "resnet18", "resnet34", "resnet50"]
 
-ModuleFactory = Callable[..., nn.Module]
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 STEMS = ("imagenet", "cifar")
 
@@ -108,16 +106,6 @@ class ResNet(nn.Module):
                 "give one width per stage."
             )
 
-    def _norm_factory(self) -> ModuleFactory | None:
-        if not self.use_batch_norm:
-            return None
-        if self.norm is not None:
-            return self.norm
-        kwargs: dict[str, Any] = {"momentum": self.momentum, "epsilon": self.epsilon}
-        if self.virtual_batch_size is not None:
-            kwargs["virtual_batch_size"] = self.virtual_batch_size
-        return functools.partial(BatchNorm, **kwargs)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Computes logits.
@@ -132,7 +120,16 @@ class ResNet(nn.Module):
             Logits of shape ``[N, num_classes]``.
         """
         self._check()
-        norm = self._norm_factory()
+        norm = (
+            norm_factory(
+                self.norm,
+                momentum=self.momentum,
+                epsilon=self.epsilon,
+                virtual_batch_size=self.virtual_batch_size,
+            )
+            if self.use_batch_norm
+            else None
+        )
         activation = ACTIVATIONS[self.activation]
         kernel = 7 if self.stem == "imagenet" else 3
         stride = 2 if self.stem == "imagenet" else 1

@@ -31,13 +31,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jbn.linen import BatchNorm
+from jbn.models.norm import ModuleFactory, norm_factory
 from jbn.ops.conv import PatchConv
 from jbn.ops.pooling import max_pool
 
 __all__ = ["SmallBNConvNet"]
 
-ModuleFactory = Callable[..., nn.Module]
 PoolFn = Callable[[jax.Array, int], jax.Array]
 
 
@@ -80,14 +79,6 @@ class SmallBNConvNet(nn.Module):
     native_input_conv: bool = False
     dtype: Any = jnp.float32
 
-    def _norm_factory(self) -> ModuleFactory:
-        if self.norm is not None:
-            return self.norm
-        kwargs: dict[str, Any] = {"momentum": self.momentum, "epsilon": self.epsilon}
-        if self.virtual_batch_size is not None:
-            kwargs["virtual_batch_size"] = self.virtual_batch_size
-        return functools.partial(BatchNorm, **kwargs)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Computes logits.
@@ -102,7 +93,12 @@ class SmallBNConvNet(nn.Module):
         Returns:
             Logits of shape ``[N, num_classes]``.
         """
-        norm = self._norm_factory()
+        norm = norm_factory(
+            self.norm,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            virtual_batch_size=self.virtual_batch_size,
+        )
         for i, width in enumerate(self.widths):
             if x.shape[-1] <= self.patch_conv_channels:
                 conv = functools.partial(PatchConv, native=self.native_input_conv)
