@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,68 @@ Dtype = Any
 Initializer = Any
 
 
-class BatchNorm(nn.Module):
+class _RunningStatsNorm(nn.Module):
+    """The attributes and call prologue that `BatchNorm` and `BatchRenorm` share.
+
+    The attributes are ``flax.linen.BatchNorm``'s, in its order (so positional
+    arguments mean the same), then ``unbiased_running_var``; each subclass
+    documents them and appends its own.
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    unbiased_running_var: bool = False
+
+    def _begin(
+        self, x: Array, use_running_average: bool | None, mask: Array | None, with_count: bool
+    ) -> _Call:
+        """Merges ``use_running_average``, declares the variables, gathers the core's arguments."""
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        x = jnp.asarray(x)
+        feature_axes, params, variables, dtype = declare_variables(self, x, with_count)
+        stats = {key: variable.value for key, variable in variables.items()}
+        core_args = {
+            "training": not use_running_average,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "axis": feature_axes,
+            "axis_name": None if self.is_initializing() else self.axis_name,
+            "axis_index_groups": self.axis_index_groups,
+            "mask": mask,
+            "unbiased_running_var": self.unbiased_running_var,
+            "dtype": dtype,
+        }
+        return _Call(x, params or None, stats, variables, core_args)
+
+    def _end(self, call: _Call, new_stats: dict[str, Array]) -> None:
+        store_running_stats(self, call.variables, new_stats, training=call.core_args["training"])
+
+
+class _Call(NamedTuple):
+    """What `_RunningStatsNorm._begin` prepares for one call of the core."""
+
+    x: Array
+    params: dict[str, Array] | None
+    stats: dict[str, Array]
+    variables: dict[str, Any]  # The batch_stats variables, written back by _end.
+    core_args: dict[str, Any]  # Keyword arguments of jbn.core's batch_norm/batch_renorm.
+
+
+class BatchNorm(_RunningStatsNorm):
     """BatchNorm with the arguments, defaults and variables of ``flax.linen.BatchNorm``.
 
     Replacing ``flax.linen.BatchNorm`` with ``jbn.BatchNorm`` changes nothing
@@ -62,21 +123,7 @@ class BatchNorm(nn.Module):
       force_float32_reductions: Keep the running statistics in float32.
     """
 
-    use_running_average: bool | None = None
-    axis: int | tuple[int, ...] = -1
-    momentum: float | None = 0.99
-    epsilon: float = 1e-5
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = initializers.zeros
-    scale_init: Initializer = initializers.ones
-    axis_name: str | tuple[str, ...] | None = None
-    axis_index_groups: Any = None
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
-    unbiased_running_var: bool = False
+    # use_running_average ... unbiased_running_var: inherited from _RunningStatsNorm, in order.
     track_count: bool = False
     virtual_batch_size: int | None = None
 
@@ -98,28 +145,15 @@ class BatchNorm(nn.Module):
         Returns:
           The normalized input.
         """
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        x = jnp.asarray(x)
-        feature_axes, params, variables, dtype = declare_variables(self, x, self.track_count)
-        stats = {key: variable.value for key, variable in variables.items()}
+        call = self._begin(x, use_running_average, mask, with_count=self.track_count)
         y, new_stats = normalization.batch_norm(
-            x,
-            params or None,
-            stats,
-            training=not use_running_average,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis=feature_axes,
-            axis_name=None if self.is_initializing() else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            unbiased_running_var=self.unbiased_running_var,
+            call.x,
+            call.params,
+            call.stats,
             virtual_batch_size=self.virtual_batch_size,
-            dtype=dtype,
+            **call.core_args,
         )
-        store_running_stats(self, variables, new_stats, training=not use_running_average)
+        self._end(call, new_stats)
         return y
 
 
@@ -174,7 +208,7 @@ def store_running_stats(
             variable.value = new_stats[key]
 
 
-class BatchRenorm(nn.Module):
+class BatchRenorm(_RunningStatsNorm):
     """Batch Renormalization with the attributes and variables of ``jbn.BatchNorm``.
 
     Variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var,count}``;
@@ -204,21 +238,7 @@ class BatchRenorm(nn.Module):
         renorm_clip_schedule, warmup_steps=5000, ramp_steps=40000)``.
     """
 
-    use_running_average: bool | None = None
-    axis: int | tuple[int, ...] = -1
-    momentum: float | None = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Any = initializers.zeros
-    scale_init: Any = initializers.ones
-    axis_name: str | tuple[str, ...] | None = None
-    axis_index_groups: Any = None
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
-    unbiased_running_var: bool = False
+    # use_running_average ... unbiased_running_var: inherited from _RunningStatsNorm, in order.
     r_max: float = 3.0
     d_max: float = 5.0
     clip_schedule: ClipSchedule | None = None
@@ -237,31 +257,13 @@ class BatchRenorm(nn.Module):
         Returns:
           The normalized input.
         """
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        x = jnp.asarray(x)
-        feature_axes, params, variables, dtype = declare_variables(self, x, with_count=True)
-        stats = {key: variable.value for key, variable in variables.items()}
+        call = self._begin(x, use_running_average, mask, with_count=True)
         if self.clip_schedule is None:
             r_max, d_max = self.r_max, self.d_max
         else:
-            r_max, d_max = self.clip_schedule(stats["count"])
+            r_max, d_max = self.clip_schedule(call.stats["count"])
         y, new_stats = batch_renorm(
-            x,
-            params or None,
-            stats,
-            training=not use_running_average,
-            r_max=r_max,
-            d_max=d_max,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis=feature_axes,
-            axis_name=None if self.is_initializing() else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            unbiased_running_var=self.unbiased_running_var,
-            dtype=dtype,
+            call.x, call.params, call.stats, r_max=r_max, d_max=d_max, **call.core_args
         )
-        store_running_stats(self, variables, new_stats, training=not use_running_average)
+        self._end(call, new_stats)
         return y
