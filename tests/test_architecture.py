@@ -1,10 +1,13 @@
 """The package's layers import one way (docs/architecture.md).
 
-core <- framework modules (linen, nnx, equinox) <- ops <- models <- tools
-<- train (the workbench) <- experiments. A module may import its own layer and
-the layers below it, never one above, and never the public facade (the
+Each layer may import only the layers the document allows it (`ALLOWED`): the
+core nothing else of jbn; each framework module (linen, nnx, equinox) and the
+ops (kernels) only the core; the models the core, the framework modules and
+the ops; the tools those and the models; the workbench (train) those and the
+tools; the experiments everything below them. Never the public facade (the
 re-exports in ``jbn/__init__.py`` and the stable paths kept at the top). Read
-from the source with ``ast``, so imports inside functions count too.
+from the source with ``ast``, so imports inside functions count too, and
+relative imports (``from ..train import loop``) are resolved.
 """
 
 from __future__ import annotations
@@ -16,17 +19,17 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jbn"
 
-# Lower rank = lower layer. Framework adapters live at the top of the package.
-LAYERS = {
-    "jbn.core": 0,
-    "jbn.linen": 1,
-    "jbn.nnx": 1,
-    "jbn.equinox": 1,
-    "jbn.ops": 2,
-    "jbn.models": 3,
-    "jbn.tools": 4,
-    "jbn.train": 5,
-    "jbn.experiments": 6,
+_FRAMEWORK_MODULES = {"jbn.linen", "jbn.nnx", "jbn.equinox"}
+_MODELS = {"jbn.core", *_FRAMEWORK_MODULES, "jbn.ops", "jbn.models"}
+# Layer -> the layers it may import (itself included).
+ALLOWED = {
+    "jbn.core": {"jbn.core"},
+    **{name: {"jbn.core", name} for name in _FRAMEWORK_MODULES},
+    "jbn.ops": {"jbn.core", "jbn.ops"},
+    "jbn.models": _MODELS,
+    "jbn.tools": {*_MODELS, "jbn.tools"},
+    "jbn.train": {*_MODELS, "jbn.tools", "jbn.train"},
+    "jbn.experiments": {*_MODELS, "jbn.tools", "jbn.train", "jbn.experiments"},
 }
 FACADE = {"jbn", "jbn.interop_torch", "jbn.cpu_tuning", "jbn.sweep", "jbn.report", "jbn.plot"}
 FRAMEWORKS = ("flax", "equinox", "torch")
@@ -43,22 +46,33 @@ def _is_module(name: str, package: pathlib.Path) -> bool:
 
 
 def _layer(name: str) -> str | None:
-    for layer in sorted(LAYERS, key=len, reverse=True):
+    for layer in sorted(ALLOWED, key=len, reverse=True):
         if name == layer or name.startswith(layer + "."):
             return layer
     return None
 
 
+def _absolute(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
+    """The module a ``from`` import names, relative ones resolved against ``importer``."""
+    if node.level == 0:
+        return node.module or ""
+    parts = importer.split(".") if is_package else importer.split(".")[:-1]
+    base = parts[: len(parts) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
 def _imports(path: pathlib.Path, package: pathlib.Path) -> list[str]:
     """Every module ``path`` imports (``from a import b``: ``a.b`` where that is a module)."""
+    importer, is_package = _module_name(path, package), path.name == "__init__.py"
     names = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            module = _absolute(node, importer, is_package)
             for alias in node.names:
-                child = f"{node.module}.{alias.name}"
-                names.append(child if _is_module(child, package) else node.module)
+                child = f"{module}.{alias.name}"
+                names.append(child if _is_module(child, package) else module)
     return names
 
 
@@ -67,7 +81,7 @@ def layering_violations(path: pathlib.Path, package: pathlib.Path = PACKAGE) -> 
     name = _module_name(path, package)
     importer = _layer(name)
     if importer is None:
-        return [f"{name} is in no layer (add it to LAYERS)"]
+        return [f"{name} is in no layer (add it to ALLOWED)"]
     problems = []
     for imported in _imports(path, package):
         if imported.split(".")[0] in FRAMEWORKS and importer == "jbn.core":
@@ -76,8 +90,11 @@ def layering_violations(path: pathlib.Path, package: pathlib.Path = PACKAGE) -> 
             continue
         if imported in FACADE:
             problems.append(f"{name} imports the facade {imported}; import where it lives")
-        elif LAYERS[_layer(imported)] > LAYERS[importer]:
-            problems.append(f"{name} ({importer}) imports {imported}, a layer above it")
+        elif _layer(imported) not in ALLOWED[importer]:
+            problems.append(
+                f"{name} ({importer}) imports {imported} ({_layer(imported)}): "
+                f"{importer} may import only {sorted(ALLOWED[importer])}"
+            )
     return problems
 
 
@@ -93,11 +110,12 @@ def test_imports_flow_one_way(path):
 
 def _fake_package(root: pathlib.Path, bad_module: str, source: str) -> pathlib.Path:
     package = root / "jbn"
-    for sub in ("core", "train", "experiments"):
+    for sub in ("core", "ops", "train", "experiments"):
         (package / sub).mkdir(parents=True)
         (package / sub / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
     (package / "train" / "loop.py").write_text("")
+    (package / "linen.py").write_text("")
     (package / "experiments" / "sweep.py").write_text("")
     path = package.joinpath(*bad_module.split(".")).with_suffix(".py")
     path.write_text(source)
@@ -107,10 +125,15 @@ def _fake_package(root: pathlib.Path, bad_module: str, source: str) -> pathlib.P
 @pytest.mark.parametrize(
     ("module", "source", "message"),
     [
-        ("core.bad", "def f():\n    from jbn.train import loop\n", "a layer above it"),
+        ("core.bad", "def f():\n    from jbn.train import loop\n", "imports jbn.train.loop"),
+        ("core.bad", "from ..train import loop\n", "imports jbn.train.loop (jbn.train)"),
+        ("core.bad", "from .. import train\n", "imports jbn.train (jbn.train)"),
         ("core.bad", "import flax.linen\n", "imports the framework flax.linen"),
-        ("train.bad", "from jbn.experiments.sweep import main\n", "a layer above it"),
+        ("train.bad", "from jbn.experiments.sweep import main\n", "imports jbn.experiments"),
         ("train.bad", "import jbn\n", "imports the facade jbn"),
+        ("train.bad", "from .. import sweep\n", "imports the facade jbn"),
+        ("ops.bad", "from jbn.linen import BatchNorm\n", "may import only ['jbn.core', 'jbn.ops']"),
+        ("ops.bad", "from ..linen import BatchNorm\n", "imports jbn.linen (jbn.linen)"),
     ],
 )
 def test_the_check_catches_violations(tmp_path, module, source, message):
