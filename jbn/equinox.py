@@ -4,9 +4,10 @@ Same constructor, calling convention and state layout as
 ``equinox.nn.BatchNorm(mode="batch")``: it is called on one example of shape
 ``(input_size, *spatial)`` under ``jax.vmap(..., axis_name=...)``, keeps its
 running statistics in an ``eqx.nn.State`` made by ``eqx.nn.make_with_state``,
-and follows ``eqx.nn.inference_mode``. Its state has the same indices, shapes
-and meaning (``batch_counter``, ``batch_state_index = (mean, var)``), so a state
-and a serialised model move both ways between the two layers.
+and follows ``eqx.nn.inference_mode``. Its state has the same layout and values
+(``batch_counter``, ``batch_state_index = (mean, var)``: same indices, shapes
+and updates), so a state and a serialised model move both ways between the two
+layers; what inference does with the state differs (below).
 
 The maths is :func:`jbn.core.normalization.batch_norm` over the vmapped axis:
 statistics accumulated in float32 or wider whatever the input dtype, masks,
@@ -73,8 +74,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     Args:
       input_size: Number of channels ``C``; each example has shape ``(C, *spatial)``.
-      axis_name: Name(s) of the mapped batch axis (``jax.vmap``, ``pmap`` or
-        ``shard_map``) whose examples share statistics.
+      axis_name: Name of the mapped batch axis (``jax.vmap``, ``pmap`` or
+        ``shard_map``) whose examples share statistics. A tuple of several
+        names, which Equinox takes, fails at present over nested ``jax.vmap``
+        axes (``jax.lax.all_gather`` in `jbn.core.statistics` does not take
+        them; a strict xfail in ``tests/test_equinox.py`` tracks it).
       eps: Added to the variance; positive and finite.
       channelwise_affine: Learn a per-channel ``weight`` and ``bias``.
       momentum: Decay of the running statistics in ``[0, 1]`` (Flax and
