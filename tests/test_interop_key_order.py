@@ -1,7 +1,8 @@
 """PyTorch state dicts in any key order load as from ``state_dict()`` itself.
 
-Safetensors files and ``dict(sorted(...))`` sort the keys: ``"10"`` before
-``"2"``, ``bn1`` before ``conv1``. Every order here must give exactly the
+``dict(sorted(...))`` sorts the keys (``"10"`` before ``"2"``, ``bn1`` before
+``conv1``), a safetensors file holds them by dtype, then name; reversed and
+shuffled orders too. Every order here must give exactly the
 variables of the registration order (and PyTorch's logits); where the keys
 cannot tell two layers of equal shape apart, an error, never a silent swap.
 """
@@ -31,6 +32,8 @@ def _orders(state_dict):
     shuffled = [items[i] for i in np.random.default_rng(0).permutation(len(items))]
     return {
         "sorted": dict(sorted(items)),
+        # A safetensors file's order: dtype alignment descending, then name.
+        "safetensors": dict(sorted(items, key=lambda kv: (-kv[1].dtype.itemsize, kv[0]))),
         "reversed": dict(reversed(items)),
         "shuffled": dict(shuffled),
     }

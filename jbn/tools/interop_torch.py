@@ -20,8 +20,8 @@ torchvision's ResNets all map onto `jbn.models`. Every shape is checked; a
 missing, unexpected or mis-shaped key raises a ``ValueError`` that names it.
 
 What the state dict's key order must be (`jbn.tools.torch_order`): PyTorch's
-own (``torch_model.state_dict()``), or any other order, sorted keys included
-(safetensors files, ``dict(sorted(...))``), when the keys still tell the
+own (``torch_model.state_dict()``), or any other order (sorted keys, a
+safetensors file's order by dtype then name) when the keys still tell the
 registration order of layers of equal shape that do not pair by name: numbered
 modules (``Sequential``, ``ModuleList``) count in numeric order, but named
 siblings (``fc1``, ``fc2``) come in an unknown order. Layers of different

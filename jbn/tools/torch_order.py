@@ -2,8 +2,9 @@
 
 ``torch_model.state_dict()`` lists each module's own parameters and buffers,
 then its children's, in the order they were registered. Other orders lose that:
-safetensors files and ``dict(sorted(state_dict.items()))`` sort the keys, so
-``"10.weight"`` comes before ``"2.weight"`` and ``bn1`` before ``conv1``.
+``dict(sorted(state_dict.items()))`` sorts the keys, so ``"10.weight"`` comes
+before ``"2.weight"`` and ``bn1`` before ``conv1``; a safetensors file holds
+them by dtype, then by name (``num_batches_tracked`` apart from its layer).
 `ModuleOrder` reconstructs what the keys can tell:
 
 - Numbered children (``nn.Sequential``, ``nn.ModuleList``: ``block.2``,

@@ -12,9 +12,9 @@ convolution (a ``weight`` of 3+ dimensions / a ``kernel`` of 3+), a dense layer
 - otherwise in order: PyTorch's registration order (`jbn.tools.torch_order`
   reconstructs it from the keys) with jbn's module paths in natural order
   (numbers compared as numbers). Where the keys do not tell the order of
-  some layers (sorted keys, as in safetensors files), layers of equal shape
-  are paired in order and the others by shape; two layers of equal shape in
-  an unknown order raise an error rather than risk a silent swap.
+  some layers (sorted keys, a safetensors file), each shape's layers are
+  paired in order among themselves; two layers of equal shape in an unknown
+  order raise an error rather than risk a silent swap.
 
 `links` returns one `Link` per key, with the layout change both ways, after
 checking every key and shape; used by `jbn.tools.interop_torch`.
@@ -192,7 +192,7 @@ def _by_shape(
                 raise ValueError(
                     f"ambiguous key order: PyTorch {label} layers {a.name!r} and {b.name!r} "
                     f"have the same shape {shape}, and the state dict's keys do not say which "
-                    "was registered first (they are not in PyTorch's order: sorted, as in a "
+                    "was registered first (they are not in PyTorch's order: sorted, or from a "
                     "safetensors file?); pass torch_model.state_dict() as it is, or give the "
                     "jbn modules PyTorch's names so that layers pair by name"
                 )
