@@ -46,6 +46,9 @@ class _RunningStatsNorm(nn.Module):
     force_float32_reductions: bool = True
     unbiased_running_var: bool = False
 
+    # nn.nowrap: helpers of __call__, not module methods of their own, so that
+    # nn.intercept_methods sees only __call__, as before they were shared.
+    @nn.nowrap
     def _begin(
         self, x: Array, use_running_average: bool | None, mask: Array | None, with_count: bool
     ) -> _Call:
@@ -69,6 +72,7 @@ class _RunningStatsNorm(nn.Module):
         }
         return _Call(x, params or None, stats, variables, core_args)
 
+    @nn.nowrap
     def _end(self, call: _Call, new_stats: dict[str, Array]) -> None:
         store_running_stats(self, call.variables, new_stats, training=call.core_args["training"])
 
