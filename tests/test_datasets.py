@@ -10,7 +10,9 @@ import http.server
 import os
 import pathlib
 import pickle
+import struct
 import subprocess
+import sys
 import threading
 import warnings
 
@@ -245,6 +247,103 @@ def test_allowed_globals_refuse_tricks():
         safe_pickle.loads(other_type, source="other type")
     with pytest.raises(datasets.DataFileError, match="truncated"):
         safe_pickle.loads(pickle.dumps({b"a": 1})[:-3], source="cut")
+
+
+# Forged NumPy types: an array whose element type gets an object field through
+# the type's pickled state (BUILD), so the array is filled from raw bytes and
+# freeing it decrefs an address the file chose (SIGSEGV before the fix).
+_FORGED_ADDRESS = struct.pack("<Q", 0x4141414141414141)
+
+
+class _Built(_Payload):
+    """Pickles as ``callable(*args)`` followed by BUILD with ``state``."""
+
+    def __init__(self, callable_, args, state):
+        super().__init__(callable_, *args)
+        self.state = state
+
+    def __reduce__(self):
+        return self.callable, self.args, self.state
+
+
+def _forged_type(flags, base="V8", field_code="O"):
+    fields = {"a": (np.dtype(field_code), 0)}
+    return _Built(np.dtype, (base, False, True), (3, "|", None, ("a",), fields, 8, 1, flags))
+
+
+def _forged_array(dtype):
+    reconstruct = np.zeros(1).__reduce__()[0]
+    state = (1, (1,), dtype, False, _FORGED_ADDRESS)
+    return _Built(reconstruct, (np.ndarray, (0,), b"b"), state)
+
+
+def _forged_payloads():
+    payloads = {f"flags={f}": _forged_array(_forged_type(f)) for f in (0, 1, 9, 16, 17, 25)}
+    # numpy.ndarray called through REDUCE: the forged type over a buffer.
+    payloads["ndarray(buffer=)"] = _Payload(np.ndarray, (1,), _forged_type(1), _FORGED_ADDRESS)
+    # An allowed type code whose state adds fields (here of an allowed type).
+    payloads["u8 + fields"] = _forged_array(_forged_type(1, "u8", "u8"))
+    return payloads
+
+
+_LOAD_IN_A_CHILD = """
+import gc, sys
+from jbn.train import datasets
+from jbn.train.datasets import safe_pickle
+try:
+    if sys.argv[1] == "cifar10":
+        entry = datasets.load("cifar10", sys.argv[2], download=False, checksums="off")
+    else:
+        entry = safe_pickle.load(sys.argv[2])
+except datasets.DataFileError as e:
+    print("refused:", e)
+else:
+    del entry
+    gc.collect()
+    print("loaded")
+"""
+
+
+def _load_in_a_child(how, path):
+    """Loads in a fresh interpreter: a crash (SIGSEGV) fails the test instead of the suite."""
+    command = [sys.executable, "-c", _LOAD_IN_A_CHILD, how, str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"the load crashed ({result.returncode}): {result.stderr}"
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("name", list(_forged_payloads()))
+def test_forged_numpy_types_are_refused_without_a_crash(tmp_path, name):
+    path = tmp_path / "data_batch_1"
+    entry = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}
+    path.write_bytes(pickle.dumps({**entry, b"x": _forged_payloads()[name]}, protocol=2))
+    assert _load_in_a_child("pickle", path).startswith(f"refused: {path}: refused to load")
+
+
+def test_a_forged_entry_the_loader_never_reads_is_refused_too(tmp_path):
+    directory = write_cifar10_dir(tmp_path / "cifar-10-batches-py", 4, 4)
+    entry = safe_pickle.load(directory / "data_batch_2")
+    entry[b"filenames"] = _forged_payloads()["flags=1"]
+    (directory / "data_batch_2").write_bytes(pickle.dumps(entry, protocol=2))
+    output = _load_in_a_child("cifar10", directory)
+    assert output.startswith(f"refused: {directory / 'data_batch_2'}: refused to load"), output
+
+
+def test_forged_type_flags_are_not_taken():
+    # The state may set a plain type's byte order only; flags and sizes come from its code.
+    forged = _Built(np.dtype, ("u8", False, True), (3, "<", None, None, None, 8, 8, 1))
+    loaded = safe_pickle.loads(pickle.dumps(forged, protocol=2))
+    assert loaded == np.dtype("<u8") and loaded.flags == 0 and not loaded.hasobject
+    for value in (np.dtype(">i4"), np.arange(3, dtype=">i4"), np.asarray(["ab", "c"])):
+        data = pickle.dumps(value, protocol=2)  # As numpy itself reads them.
+        loaded, expected = safe_pickle.loads(data), pickle.loads(data)
+        assert getattr(loaded, "dtype", loaded) == getattr(expected, "dtype", expected)
+        assert np.asarray(loaded == expected).all()
+    for code in ("O", "V8", "M8[ns]", "u1,u2", "(2,)u1"):
+        with pytest.raises(safe_pickle.UnsafePickleError, match="refused to load"):
+            safe_pickle.loads(pickle.dumps(np.dtype(code), protocol=2))
+    with pytest.raises(safe_pickle.UnsafePickleError, match="kind 'O'"):
+        safe_pickle.loads(pickle.dumps(np.array([1, None], dtype=object), protocol=2))
 
 
 # --- the catalog -----------------------------------------------------------------------
