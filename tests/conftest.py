@@ -28,10 +28,16 @@ if os.environ.get(cpu_tuning.OPT_OUT_ENV) is None:
 import gzip
 import pathlib
 import pickle
+import runpy
+from collections.abc import Mapping
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
+
+from jbn.experiments import sweep
 
 # Random test inputs and initial parameters only: XLA:CPU compiled the
 # partitionable threefry (JAX's default) about 4x slower per new shape (1.2 s vs
@@ -46,6 +52,34 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # CI turns skips for missing optional packages into failures; --strict-promotion.
 pytest_plugins = ["run_modes", "pytester"]
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def overridden(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | None = None, **fields: Any
+) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with dotted-path ``overrides`` and top-level ``fields`` set.
+
+    E.g. ``overridden(config, {"data.batch_size": 0}, max_steps=6)``; as sweep
+    variants are built (`jbn.experiments.sweep.variant_config`), so a field the
+    config lacks is a KeyError, not a silent addition.
+    """
+    return sweep.variant_config(config, {**(overrides or {}), **fields})
+
+
+def load_config(
+    name: str = "tiny.py", overrides: Mapping[str, Any] | None = None, **fields: Any
+) -> ml_collections.ConfigDict:
+    """``configs/<name>``'s config, with `overridden`'s overrides."""
+    config = runpy.run_path(str(REPO / "configs" / name))["get_config"]()
+    return overridden(config, overrides, **fields)
+
+
+@pytest.fixture
+def tiny(cifar_fixture_dir: pathlib.Path) -> ml_collections.ConfigDict:
+    """``configs/tiny.py`` on the CIFAR fixture: 10 steps per epoch, 2 epochs, checkpoints every 4."""
+    return load_config("tiny.py", {"data.data_dir": str(cifar_fixture_dir)})
 
 
 def write_cifar10_dir(

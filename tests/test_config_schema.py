@@ -7,6 +7,7 @@ import runpy
 
 import ml_collections
 import pytest
+from conftest import load_config
 
 from jbn.experiments import sweep
 from jbn.models import registry
@@ -22,14 +23,7 @@ def _load(path):
 
 
 def _default(**overrides):
-    config = _load(REPO / "configs" / "default.py")
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return load_config("default.py", overrides)
 
 
 def _training_configs():
@@ -98,7 +92,6 @@ def test_every_sweep_variant_is_valid(path):
         ({"data.num_train_examples": 0}, "config.data.num_train_examples=0: must be an integer >= 1, or None."),
         ({"probe.percentiles": (15, 101)}, "config.probe.percentiles=(15, 101): must be a non-empty sequence of integers in [0, 100]."),
         ({"probe.intermediate": ""}, "config.probe.intermediate='': must be a non-empty name, or None."),
-        ({"model.activation": "gelu"}, "config.model.activation='gelu': must be one of 'relu', 'sigmoid', 'tanh'."),
         # Checks across fields.
         ({"data.name": "cifar100"}, "config.model.num_classes=10: must be 100, the number of classes of data.name='cifar100'."),
         ({"data.name": "mnist"}, "config.data.augment=True: must be False for data.name='mnist'"),
@@ -116,6 +109,18 @@ def test_bad_value_gets_one_line_naming_field_value_and_rule(overrides, message)
         config_schema.validate(_default(**overrides))
     assert len(info.value.problems) == 1 and str(info.value).count("\n") == 0
     assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.activation": "gelu"}, "config.model.activation='gelu': must be one of 'relu', 'sigmoid', 'tanh'."),
+    ],
+)  # fmt: skip
+def test_bad_value_of_a_resnet_field(overrides, message):
+    with pytest.raises(config_schema.ConfigError) as info:
+        config_schema.validate(load_config("resnet20.py", overrides))
+    assert info.value.problems == [message]
 
 
 def test_types_are_checked_beyond_ml_collections():

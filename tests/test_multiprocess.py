@@ -15,17 +15,17 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import load_config
+from train_cli import train_command
 
 from jbn.train import distributed, loop
 from jbn.train.checkpoint import Checkpointer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 
 
@@ -36,17 +36,13 @@ def _free_port():
 
 
 def _train_cmd(workdir, data_dir, max_steps, num_epochs=1):
-    return [
-        sys.executable,
-        str(REPO / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny.py"),
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
+    return train_command(
+        workdir,
+        data_dir,
         f"--config.num_epochs={num_epochs}",
         f"--config.max_steps={max_steps}",
         "--config.checkpoint_every_steps=2",
-    ]
+    )
 
 
 def _env(devices):
@@ -96,11 +92,7 @@ def _checkpoint_steps(workdir):
 
 
 def _restore(workdir, data_dir):
-    import runpy
-
-    config = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
-    config.data.data_dir = str(data_dir)
-    config.num_epochs = 1
+    config = load_config("tiny.py", {"data.data_dir": str(data_dir), "num_epochs": 1})
     mesh = distributed.create_mesh({"data": 1}, devices=jax.devices()[:1])
     target = loop.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=10)
     with Checkpointer(pathlib.Path(workdir) / loop.CHECKPOINT_DIR) as ckpt:

@@ -14,7 +14,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -22,11 +21,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from train_cli import train_command
 
 from jbn.train import loop, preemption, run_log
 from jbn.train.checkpoint import Checkpointer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 TIMING_FIELDS = ("images_per_sec", "wall_time_s")
 
@@ -53,15 +52,6 @@ def _assert_same_run(workdir, reference):
 
 
 # --- in process: a signal at a known step -------------------------------------------------
-
-
-@pytest.fixture
-def tiny(cifar_fixture_dir):
-    import runpy
-
-    config = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
-    config.data.data_dir = str(cifar_fixture_dir)
-    return config  # 10 steps per epoch, 2 epochs, checkpoints every 4 steps.
 
 
 def _signal_after_call(monkeypatch, call, signum):
@@ -164,17 +154,9 @@ STEPS_PER_EPOCH = 20
 
 
 def _command(workdir, data_dir, *extra):
-    return [
-        sys.executable,
-        str(REPO / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny.py"),
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        "--config.num_epochs=2",
-        "--config.data.batch_size=16",
-        *extra,
-    ]
+    return train_command(
+        workdir, data_dir, "--config.num_epochs=2", "--config.data.batch_size=16", *extra
+    )
 
 
 class _Run:

@@ -1,34 +1,24 @@
 """Tests for the workbench's step-wise evaluations, activation probe and training subset."""
 
-import pathlib
-import runpy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_config, overridden
 
 from jbn.models import MLP
 from jbn.train import activation_probe, data, distributed, loop, run_log, step_eval
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 def _config(data_dir, **overrides):
-    config = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
-    config.data.data_dir = str(data_dir)
-    config.model.name = "mlp"
-    config.model.widths = (12, 12, 12)
-    config.model.activation = "sigmoid"
-    config.data.augment = False
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    """configs/tiny.py with the BatchNorm paper's MLP (12-unit sigmoid layers), no crop + flip."""
+    config = load_config("tiny.py", {"data.data_dir": str(data_dir), "data.augment": False})
+    with config.unlocked():
+        config.model.name = "mlp"
+        config.model.widths = (12, 12, 12)
+        config.model.activation = "sigmoid"  # A field of the MLP that tiny.py lacks.
+    return overridden(config, overrides)
 
 
 def _state(model, variables):
@@ -129,7 +119,7 @@ def test_eval_every_steps_cadence_probe_and_subset_through_the_loop(cifar_fixtur
     run_log.append(tmp_path, {"step": 0, "test_accuracy": -1.0}, step_eval.EVALS_FILE)
     run_log.append(tmp_path, {"step": 0, "p50": 1e9}, activation_probe.PROBE_FILE)
     # Stopped at step 10 (mid-epoch, just checkpointed), then resumed to the end.
-    loop.train_and_evaluate(_config_like(config, max_steps=10), tmp_path)
+    loop.train_and_evaluate(overridden(config, max_steps=10), tmp_path)
     assert [r["step"] for r in step_eval.read(tmp_path)] == [0, 4, 8, 10]
     assert step_eval.read(tmp_path)[0]["test_accuracy"] >= 0
     # As if killed after evaluating step 12 but before checkpointing it: dropped on resume.
@@ -150,12 +140,6 @@ def test_eval_every_steps_cadence_probe_and_subset_through_the_loop(cifar_fixtur
     probes = activation_probe.read(tmp_path)
     assert [r["step"] for r in probes] == [0, 5, 10, 15]
     assert all(r["p15"] <= r["p50"] <= r["p85"] < 1e9 for r in probes)
-
-
-def _config_like(config, **overrides):
-    config = config.copy_and_resolve_references()
-    config.update(overrides)
-    return config
 
 
 def test_step_evaluations_off_by_default_and_bad_values_named(tmp_path):

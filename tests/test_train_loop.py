@@ -3,7 +3,6 @@
 import json
 import pathlib
 import re
-import runpy
 import subprocess
 import sys
 
@@ -11,28 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import write_cifar10_dir
+from conftest import load_config, overridden, write_cifar10_dir
 
 from jbn.train import data, distributed, evaluation, loop, plot, run_config, run_log
 from jbn.train.checkpoint import Checkpointer, CheckpointMismatchError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _config(name="tiny.py", **overrides):
-    config = runpy.run_path(str(REPO / "configs" / name))["get_config"]()
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
-
-
-@pytest.fixture
-def tiny(cifar_fixture_dir):
-    return _config(**{"data.data_dir": str(cifar_fixture_dir)})
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +75,7 @@ def test_no_retracing_after_first_step(tiny, mesh, cifar_fixture_dir, monkeypatc
 
 
 def test_no_bn_state_has_no_batch_stats(mesh, cifar_fixture_dir):
-    config = _config("no_bn.py", **{"model.widths": (4, 8), "data.batch_size": 32})
+    config = load_config("no_bn.py", {"model.widths": (4, 8), "data.batch_size": 32})
     dataset = data.load_cifar10(cifar_fixture_dir, download=False)
     state = loop.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=10)
     assert state.batch_stats == {}
@@ -121,10 +104,10 @@ def test_eval_counts_every_test_image_once(tiny, mesh, cifar_fixture_dir):
 def test_resume_is_bitwise_identical(tiny, tmp_path, mesh):
     # 10 steps per epoch, checkpoint every 4: the split (6) is mid-epoch and off-interval.
     straight, split = tmp_path / "straight", tmp_path / "split"
-    loop.train_and_evaluate(_config_like(tiny, max_steps=13), straight)
-    loop.train_and_evaluate(_config_like(tiny, max_steps=6), split)
+    loop.train_and_evaluate(overridden(tiny, max_steps=13), straight)
+    loop.train_and_evaluate(overridden(tiny, max_steps=6), split)
     assert Checkpointer(split / "checkpoints").all_steps() == [4, 6]
-    loop.train_and_evaluate(_config_like(tiny, max_steps=13), split)
+    loop.train_and_evaluate(overridden(tiny, max_steps=13), split)
 
     target = loop.create_train_state(tiny, jax.random.key(0), mesh, steps_per_epoch=10)
     states = []
@@ -151,14 +134,8 @@ def _without_timing(record):
     return {k: v for k, v in record.items() if k not in ("images_per_sec", "wall_time_s")}
 
 
-def _config_like(config, **overrides):
-    config = config.copy_and_resolve_references()
-    config.update(overrides)
-    return config
-
-
 def test_non_finite_loss_stops_and_is_not_checkpointed(tiny, tmp_path):
-    config = _config_like(tiny, checkpoint_every_steps=1)
+    config = overridden(tiny, checkpoint_every_steps=1)
     config.optim.learning_rate = 1e30
     with pytest.raises(FloatingPointError, match=r"at train step \d+") as info:
         loop.train_and_evaluate(config, tmp_path)
@@ -209,9 +186,9 @@ def test_trains_on_the_other_data_sets(
     config_file, fixture, classes, image_shape, request, tmp_path
 ):
     data_dir = request.getfixturevalue(fixture)
-    config = _config(
+    config = load_config(
         config_file,
-        **{
+        {
             "model.widths": (4, 8),
             "data.data_dir": str(data_dir),
             "data.batch_size": 32,
@@ -240,9 +217,9 @@ def test_trains_on_the_other_data_sets(
 
 
 def test_resume_with_another_config_is_refused_and_touches_nothing(tiny, tmp_path, capsys):
-    loop.train_and_evaluate(_config_like(tiny, max_steps=2), tmp_path)
+    loop.train_and_evaluate(overridden(tiny, max_steps=2), tmp_path)
     saved = (tmp_path / "config.json").read_text()
-    other = _config_like(tiny, max_steps=4)
+    other = overridden(tiny, max_steps=4)
     other.model.widths = (8, 16)
     other.optim.learning_rate = 0.2
     with pytest.raises(run_config.ResumeMismatchError) as info:
@@ -257,7 +234,7 @@ def test_resume_with_another_config_is_refused_and_touches_nothing(tiny, tmp_pat
 
     # Fields that may change do not stop it; a longer one-cycle schedule is noted.
     capsys.readouterr()
-    allowed = _config_like(tiny, max_steps=4, num_epochs=3, log_every_steps=3)
+    allowed = overridden(tiny, max_steps=4, num_epochs=3, log_every_steps=3)
     allowed.data.eval_batch_size = 24
     assert loop.train_and_evaluate(allowed, tmp_path)["step"] == 4
     assert (
@@ -266,9 +243,9 @@ def test_resume_with_another_config_is_refused_and_touches_nothing(tiny, tmp_pat
 
 
 def test_checkpoint_of_another_model_without_config_json_gets_a_clear_error(tiny, tmp_path):
-    loop.train_and_evaluate(_config_like(tiny, max_steps=2), tmp_path)
+    loop.train_and_evaluate(overridden(tiny, max_steps=2), tmp_path)
     (tmp_path / "config.json").unlink()  # Nothing to compare with: orbax finds the mismatch.
-    other = _config_like(tiny, max_steps=4)
+    other = overridden(tiny, max_steps=4)
     other.model.widths = (8, 16)
     with pytest.raises(CheckpointMismatchError, match=r"Checkpoint 2 in .* does not fit"):
         loop.train_and_evaluate(other, tmp_path)
