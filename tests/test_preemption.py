@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -21,9 +22,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import overridden
 from train_cli import train_command
 
-from jbn.train import loop, preemption, run_log
+from jbn.train import loop, preemption, run_log, step_eval
 from jbn.train.checkpoint import Checkpointer
 
 TIMEOUT_S = 240
@@ -145,6 +147,56 @@ def test_stop_requests_outside_the_main_thread_install_nothing():
     thread.start()
     thread.join()
     assert results == [({}, False)]
+
+
+# --- kill -9 inside an epoch-end evaluation ------------------------------------------------
+
+# A child process with this suite's settings (conftest) whose epoch-end
+# evaluation of step ``HOLD_AT`` says so and then waits to be killed.
+_HOLD_IN_EVALUATION = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import conftest  # The suite's JAX settings, as in the test process.
+from jbn.train import loop
+
+workdir, data_dir, hold_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real_evaluate = loop.evaluate
+
+
+def evaluate(state, *args, **kwargs):
+    if int(state.step) == hold_at:
+        print(f"evaluating step {{hold_at}}", flush=True)
+        time.sleep(3600)  # Killed here.
+    return real_evaluate(state, *args, **kwargs)
+
+
+loop.evaluate = evaluate
+overrides = {{"data.data_dir": data_dir, "checkpoint_every_steps": 5, "eval_every_steps": 5}}
+loop.train_and_evaluate(conftest.load_config("tiny.py", overrides), workdir)
+"""
+
+
+@pytest.mark.timeout(900)
+def test_kill_9_in_the_evaluation_of_an_epoch_end_checkpoint_keeps_its_record(
+    tiny, cifar_fixture_dir, tmp_path
+):
+    # 10 steps per epoch and a checkpoint every 5: the periodic save falls on the epoch end.
+    config = overridden(tiny, checkpoint_every_steps=5, eval_every_steps=5)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    loop.train_and_evaluate(config, straight)
+    script = _HOLD_IN_EVALUATION.format(tests=str(pathlib.Path(__file__).parent))
+    command = [sys.executable, "-c", script, str(killed), str(cifar_fixture_dir), "10"]
+    run = _Run(command, tmp_path)
+    run.wait_for(lambda: "evaluating step 10" in run.output, "the epoch-end evaluation")
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    # Step 10 is saved only once its record is written; the resume redoes steps 6-10.
+    assert Checkpointer(killed / "checkpoints").latest_step() == 5
+    loop.train_and_evaluate(config, killed)
+    for read in (run_log.read, step_eval.read):
+        assert _without_timing(read(killed)) == _without_timing(read(straight))
+    assert [r["step"] for r in run_log.read(killed)] == [10, 20]
+    _assert_same_run(killed, (_without_timing(run_log.read(straight)), _final_state(straight)))
 
 
 # --- subprocess: the real train.py ---------------------------------------------------------

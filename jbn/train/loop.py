@@ -312,7 +312,9 @@ def _train(
                     bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
                 # Every step, on every process: they must agree on where to stop.
                 stopping = stop.should_stop(step)
-                if step % config.checkpoint_every_steps == 0 or (stopping and step < end):
+                # Not at the epoch's end: that save follows its record (below), so a run
+                # killed while evaluating resumes before the end and writes the record.
+                if (step % config.checkpoint_every_steps == 0 or stopping) and step < end:
                     _check_finite(pending)
                     checkpointer.save(step, state, sums.progress())
                 if stopping:
