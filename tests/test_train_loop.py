@@ -3,6 +3,7 @@
 import json
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,16 @@ import numpy as np
 import pytest
 from conftest import load_config, overridden, write_cifar10_dir
 
-from jbn.train import data, distributed, evaluation, loop, plot, run_config, run_log
+from jbn.train import (
+    data,
+    distributed,
+    epoch_metrics,
+    evaluation,
+    loop,
+    plot,
+    run_config,
+    run_log,
+)
 from jbn.train.checkpoint import Checkpointer, CheckpointMismatchError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -132,6 +142,39 @@ def test_resume_is_bitwise_identical(tiny, tmp_path, mesh):
 
 def _without_timing(record):
     return {k: v for k, v in record.items() if k not in ("images_per_sec", "wall_time_s")}
+
+
+def _as_legacy_checkpoints(workdir):
+    """Rewrites the workdir's checkpoints as jbn wrote them before ``progress`` (one unnamed item)."""
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            (step_dir / "state").rename(step_dir / "default")
+            shutil.rmtree(step_dir / "progress")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["checkpoint", "legacy checkpoint"])
+def test_rerunning_a_run_that_stopped_mid_epoch_at_max_steps_adds_nothing(tiny, tmp_path, legacy):
+    # 10 steps per epoch; max_steps=15 stops in the middle of epoch 2.
+    config = overridden(tiny, max_steps=15)
+    first = loop.train_and_evaluate(config, tmp_path)
+    records = run_log.read(tmp_path)
+    assert [r["step"] for r in records] == [10, 15]
+    if legacy:  # Without the epoch's train sums (older checkpoints).
+        _as_legacy_checkpoints(tmp_path)
+    again = loop.train_and_evaluate(config, tmp_path)
+    assert run_log.read(tmp_path) == records  # Not a second step-15 record.
+    assert again["step"] == 15 and again["test_accuracy"] == first["test_accuracy"]
+    assert again["train_loss"] == first["train_loss"]  # The record read back.
+
+
+def test_epoch_metrics_without_steps_say_so():
+    sums = epoch_metrics.EpochMetrics.resume({}, step=15, steps_per_epoch=10)
+    assert (sums.epoch, sums.steps) == (1, 0)
+    with pytest.raises(ValueError, match="no train step of epoch 2 was summed"):
+        sums.means()
+    sums.add({"loss": jnp.float32(1.5), "accuracy": jnp.float32(0.25)})
+    sums.add({"loss": jnp.float32(0.5), "accuracy": jnp.float32(0.75)})
+    assert sums.means() == {"train_loss": 1.0, "train_accuracy": 0.5}
 
 
 def test_non_finite_loss_stops_and_is_not_checkpointed(tiny, tmp_path):

@@ -81,6 +81,13 @@ class EpochMetrics:
         return {"epoch_metrics": saved}
 
     def means(self) -> dict[str, float]:
-        """``train_loss`` and ``train_accuracy``: the sums over the steps summed."""
+        """``train_loss`` and ``train_accuracy``: the sums over the steps summed.
+
+        Raises:
+            ValueError: If no step was summed (the loop runs an epoch only
+                when it has steps left to train).
+        """
+        if not self.steps:
+            raise ValueError(f"no train step of epoch {self.epoch + 1} was summed: no means.")
         values = jax.device_get(self._sums)
         return {f"train_{key}": float(values[key]) / self.steps for key in KEYS}

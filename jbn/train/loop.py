@@ -272,7 +272,10 @@ def _train(
     probe.start(state)
     record: dict[str, Any] = {}
     step = start_step
-    for epoch in range(start_step // steps_per_epoch, -(-stop_step // steps_per_epoch)):
+    # Nothing left to train (a finished run again, also one that stopped mid-epoch
+    # at max_steps): no epoch, so no second record of the last one.
+    epochs = range(start_step // steps_per_epoch, -(-stop_step // steps_per_epoch))
+    for epoch in epochs if start_step < stop_step else ():
         first = epoch * steps_per_epoch
         end = min(first + steps_per_epoch, stop_step)
         if sums.epoch != epoch:
