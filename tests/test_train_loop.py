@@ -285,6 +285,30 @@ def test_resume_with_another_config_is_refused_and_touches_nothing(tiny, tmp_pat
     )
 
 
+def test_resume_compares_fields_the_new_config_lacks(tmp_path):
+    sigmoid = load_config("resnet20.py", {"model.activation": "sigmoid", "max_steps": 5})
+    run_config.write(tmp_path, sigmoid)
+    without = overridden(sigmoid, max_steps=8)
+    with without.unlocked():
+        del without.model["activation"]  # The model's default: ReLU.
+    with pytest.raises(run_config.ResumeMismatchError) as info:
+        run_config.check_resume(tmp_path, without)
+    assert "  model.activation: 'sigmoid' -> (absent)" in str(info.value).splitlines()
+    # None in the saved config and an absent field both mean the model's default.
+    assert sigmoid.model.shortcut is None
+    del without.model["shortcut"]
+    without.model.activation = "sigmoid"
+    assert run_config.check_resume(tmp_path, without) == []
+    # A field the saved config lacks (written by an older version) is not compared.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["zero_init_residual"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert (
+        run_config.check_resume(tmp_path, overridden(sigmoid, {"model.zero_init_residual": True}))
+        == []
+    )
+
+
 def test_checkpoint_of_another_model_without_config_json_gets_a_clear_error(tiny, tmp_path):
     loop.train_and_evaluate(overridden(tiny, max_steps=2), tmp_path)
     (tmp_path / "config.json").unlink()  # Nothing to compare with: orbax finds the mismatch.

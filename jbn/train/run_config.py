@@ -5,8 +5,9 @@ the workdir already holds checkpoints, `check_resume` first compares the new
 config with that file: a checkpoint only makes sense with the model,
 optimizer and data it was trained with, so any difference in a field whose
 rule is not ``resumable`` (`jbn.train.config_schema.FIELDS`) stops the run
-with a `ResumeMismatchError` naming the fields and both values. The fields
-that may change are `jbn.train.config_schema.resumable_fields()`: the
+with a `ResumeMismatchError` naming the fields and both values; a field the
+saved run had and the new config lacks differs too (``-> (absent)``), unless
+it was None. The fields that may change are `jbn.train.config_schema.resumable_fields()`: the
 length of the run (``num_epochs``, ``max_steps``), checkpoint cadence,
 logging (``log_every_steps``, ``log.tensorboard``), where the data is and how it is fed (``data.data_dir``,
 ``data.download``, ``data.checksums``, ``data.eval_batch_size``,
@@ -27,7 +28,15 @@ from typing import Any
 
 from jbn.train import config_schema
 
-__all__ = ["CONFIG_FILE", "ResumeMismatchError", "check_resume", "differences", "read", "write"]
+__all__ = [
+    "ABSENT",
+    "CONFIG_FILE",
+    "ResumeMismatchError",
+    "check_resume",
+    "differences",
+    "read",
+    "write",
+]
 
 CONFIG_FILE = "config.json"
 
@@ -55,19 +64,35 @@ def write(workdir: str | os.PathLike, config: Any) -> None:
     os.replace(tmp, path)
 
 
+class _Absent:
+    """A field the new config does not have (a model field: the model's default)."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
 def differences(saved: dict[str, Any], config: Any) -> tuple[list, list]:
     """Compares a saved config (``config.json``) with ``config``, field by field.
+
+    Every field of either is compared, except those the saved config lacks
+    (written by an older version). A field only the saved config has differs
+    unless it was None there: a model reads an absent field and a None one
+    alike, as its default (`jbn.models.registry.make_model`).
 
     Returns:
         ``(fixed, changed)``: lists of ``(field, saved value, new value)`` for
         the fields that differ and may not change on resume, and for those
-        that may. Fields the saved config lacks (written by an older version)
-        are not compared.
+        that may; a field the new config lacks has the new value `ABSENT`.
     """
     old = dict(config_schema.leaves(saved))
+    new = dict(config_schema.leaves(_as_json(config)))
     fixed, changed = [], []
-    for path, value in config_schema.leaves(_as_json(config)):
-        if path not in old or old[path] == value:
+    for path in old:  # The union but for fields the saved config lacks.
+        value = new.get(path, None if old[path] is None else ABSENT)
+        if old[path] == value:
             continue
         rule = config_schema.FIELDS.get(path)
         (changed if rule is not None and rule.resumable else fixed).append((path, old[path], value))
