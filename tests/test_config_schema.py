@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import runpy
 
@@ -115,12 +116,40 @@ def test_bad_value_gets_one_line_naming_field_value_and_rule(overrides, message)
     "overrides, message",
     [
         ({"model.activation": "gelu"}, "config.model.activation='gelu': must be one of 'relu', 'sigmoid', 'tanh'."),
+        ({"model.name": "plain20", "model.shortcut": "B"}, "config.model.shortcut='B': must be None or 'none' for model.name='plain20' (a plain network has no shortcuts)."),
+        ({"model.name": "plain56", "model.shortcut": "A"}, "config.model.shortcut='A': must be None or 'none' for model.name='plain56' (a plain network has no shortcuts)."),
     ],
 )  # fmt: skip
 def test_bad_value_of_a_resnet_field(overrides, message):
     with pytest.raises(config_schema.ConfigError) as info:
         config_schema.validate(load_config("resnet20.py", overrides))
     assert info.value.problems == [message]
+
+
+@pytest.mark.parametrize(
+    "name, shortcut",
+    [("plain20", None), ("plain32", "none"), ("resnet20", "B"), ("resnet56", "none")],
+)
+def test_every_valid_shortcut_builds(name, shortcut):
+    config = load_config("resnet20.py", {"model.name": name, "model.shortcut": shortcut})
+    config_schema.validate(config)
+    registry.make_model(config.model)  # Passes validation, so it builds.
+
+
+def test_tensorboard_true_without_tensorboardx_is_a_config_error(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "tensorboardX" else find_spec(name, *args),
+    )
+    config_schema.validate(_default(**{"log.tensorboard": None}))  # Off, with one line.
+    with pytest.raises(config_schema.ConfigError) as info:
+        config_schema.validate(_default(**{"log.tensorboard": True}))
+    assert info.value.problems == [
+        "config.log.tensorboard=True: must be None or False: tensorboardX is not installed "
+        '(pip install -e ".[tensorboard]").'
+    ]
 
 
 def test_types_are_checked_beyond_ml_collections():

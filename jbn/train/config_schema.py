@@ -37,7 +37,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from jbn.models import blocks, registry, resnet
-from jbn.train import datasets, distributed, optim
+from jbn.train import datasets, distributed, optim, tensorboard_log
 
 __all__ = [
     "CONSTRAINTS",
@@ -328,6 +328,29 @@ def _probe_needs_a_name(config: Any) -> str | None:
     return None
 
 
+def _plain_nets_have_no_shortcut(config: Any) -> str | None:
+    # jbn.models.cifar_resnet's plain20/32/56 refuse any shortcut but "none".
+    name, shortcut = config.model.name, config.model.get("shortcut")
+    if name.startswith("plain") and shortcut not in (None, "none"):
+        return _bad(
+            "model.shortcut",
+            shortcut,
+            f"None or 'none' for model.name={name!r} (a plain network has no shortcuts)",
+        )
+    return None
+
+
+def _tensorboard_installed(config: Any) -> str | None:
+    log = config.get("log")
+    if log is not None and log.get("tensorboard") is True and not tensorboard_log.installed():
+        return _bad(
+            "log.tensorboard",
+            True,
+            f"None or False: tensorboardX is not installed ({tensorboard_log.INSTALL_HINT})",
+        )
+    return None
+
+
 # Checks across fields, run once every field has passed its own rule.
 CONSTRAINTS: tuple[Callable[[Any], str | None], ...] = (
     _num_classes_of_data,
@@ -336,6 +359,8 @@ CONSTRAINTS: tuple[Callable[[Any], str | None], ...] = (
     _norm_without_groups,
     _nesterov_needs_momentum,
     _probe_needs_a_name,
+    _plain_nets_have_no_shortcut,
+    _tensorboard_installed,
 )
 
 

@@ -40,16 +40,23 @@ TAGS = {
 INSTALL_HINT = 'pip install -e ".[tensorboard]"'
 
 
+def installed() -> bool:
+    """Whether ``tensorboardX`` (the ``tensorboard`` extra) can be imported."""
+    return importlib.util.find_spec("tensorboardX") is not None
+
+
 def wanted(setting: bool | None) -> bool:
     """Whether to write event files for ``config.log.tensorboard = setting``.
+
+    `jbn.train.config_schema.validate` refuses True without ``tensorboardX``
+    before a run starts; this check is for direct callers.
 
     Raises:
       ImportError: If ``setting`` is True and ``tensorboardX`` is not installed.
     """
-    installed = importlib.util.find_spec("tensorboardX") is not None
     if setting is None:
-        return installed
-    if setting and not installed:
+        return installed()
+    if setting and not installed():
         raise ImportError(
             f"config.log.tensorboard=True needs tensorboardX: {INSTALL_HINT} "
             "(or set --config.log.tensorboard=False)"
