@@ -1,9 +1,15 @@
-"""Trains SmallBNConvNet on CIFAR-10: flags -> jbn.train.loop.train_and_evaluate.
+"""Trains a model of the zoo on CIFAR-10, CIFAR-100 or MNIST: flags -> jbn.train.loop.train_and_evaluate.
+
+The config (``configs/default.py``: SmallBNConvNet on CIFAR-10) picks the
+model (``config.model.name``, any of ``jbn.models.model_names()``: the
+SmallBNConvNet, the MLP, the ResNets and plain nets) and the data set
+(``config.data.name``: ``cifar10``, ``cifar100``, ``mnist``).
 
 Usage::
 
     python train.py --workdir=./workdir                        # configs/default.py
     python train.py --config=configs/no_bn.py --workdir=./workdir_no_bn
+    python train.py --config=configs/resnet20.py --config.model.name=resnet56 --workdir=./wd
     python train.py --config.optim.learning_rate=0.2 --config.num_epochs=20
 
 Re-running the same command resumes from the latest checkpoint in --workdir.
@@ -12,9 +18,11 @@ JBN_COORDINATOR_ADDRESS/JBN_NUM_PROCESSES/JBN_PROCESS_ID) on every process.
 
 Exit codes: 0 when training finished; 2 for a bad config value or a resume
 with a config that does not fit the workdir's checkpoints (one line per
-problem on stderr, no traceback); 1 for missing or bad data files; 143 (SIGTERM)
-or 130 (SIGINT, Ctrl-C) when a signal stopped the run after checkpointing its
-last step (re-run the same command to resume).
+problem on stderr, no traceback); 3 for missing or bad data files (one
+message, no traceback); 143 (SIGTERM) or 130 (SIGINT, Ctrl-C) when a signal
+stopped the run after checkpointing its last step (re-run the same command to
+resume); 1 is Python's own code for an uncaught exception (a traceback: a bug
+or an error nothing above covers).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from jbn.train.checkpoint import CheckpointMismatchError  # noqa: E402
 # The default config next to this file, so the script runs from any working directory.
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "default.py"
 EXIT_CONFIG_ERROR = 2
-EXIT_DATA_ERROR = 1
+EXIT_DATA_ERROR = 3  # Not 1: Python exits with 1 on any uncaught exception.
 
 _WORKDIR = flags.DEFINE_string("workdir", "./workdir", "Directory for checkpoints and metrics.")
 _CONFIG = config_flags.DEFINE_config_file(

@@ -8,7 +8,15 @@ import pytest
 from conftest import load_config, overridden
 
 from jbn.models import MLP
-from jbn.train import activation_probe, data, distributed, loop, run_log, step_eval
+from jbn.train import (
+    activation_probe,
+    config_schema,
+    data,
+    distributed,
+    loop,
+    run_log,
+    step_eval,
+)
 
 
 def _config(data_dir, **overrides):
@@ -100,6 +108,32 @@ def test_probe_names_what_the_model_sows(tmp_path):
         )
     probe("pre_activation_2").start(state)  # Resumed at step 7: nothing to log yet.
     assert activation_probe.read(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"probe.intermediate": "pre_activation_9"},
+            "config.probe.intermediate='pre_activation_9': must name a value that "
+            "model.name='mlp' sows: pre_activation_1, pre_activation_2, pre_activation_3.",
+        ),
+        (
+            {"probe.intermediate": "pre_activation_3", "probe.unit": 12},
+            "config.probe.unit=12: must be an index on the last axis of 'pre_activation_3' "
+            "(12 units), or None.",
+        ),
+    ],
+)
+def test_a_probe_the_model_cannot_give_stops_the_run_before_data_or_checkpoints(
+    tmp_path, overrides, message
+):
+    # No data where the config points: the check must come before the data is loaded.
+    config = _config(tmp_path / "no_data", **{"probe.every_steps": 5, **overrides})
+    with pytest.raises(config_schema.ConfigError) as info:
+        loop.train_and_evaluate(config, tmp_path / "run")
+    assert info.value.problems == [message]
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_every_steps_cadence_probe_and_subset_through_the_loop(cifar_fixture_dir, tmp_path):

@@ -328,13 +328,13 @@ def test_train_py_from_another_directory_fails_cleanly(tmp_path, cifar_fixture_d
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "config.num_epochs=0: must be an integer >= 1.\n"
 
-    # A data file that would run code: refused, named, nothing executed, exit 1.
+    # A data file that would run code: refused, named, nothing executed, exit 3.
     evil = write_cifar10_dir(tmp_path / "evil" / "cifar-10-batches-py", 4, 4)
     marker = tmp_path / "marker"
     with open(evil / "test_batch", "wb") as f:
         f.write(pickle_payload(f"touch {marker}"))
     result = run(f"--config={REPO / 'configs' / 'tiny.py'}", f"--config.data.data_dir={evil}")
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(
         f"{evil / 'test_batch'}: refused to load: the pickle asks for posix.system"

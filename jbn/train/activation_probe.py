@@ -32,9 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jbn.train import distributed, evaluation, run_log
+from jbn.models import registry
+from jbn.train import config_schema, datasets, distributed, evaluation, run_log
 
-__all__ = ["PROBE_FILE", "ActivationProbe", "percentile_key", "read", "sown_value"]
+__all__ = [
+    "PROBE_FILE",
+    "ActivationProbe",
+    "check_config",
+    "percentile_key",
+    "read",
+    "sown_value",
+]
 
 PROBE_FILE = "probe.jsonl"
 
@@ -74,6 +82,58 @@ def sown_value(intermediates: Mapping[str, Any], name: str) -> Any:
     if isinstance(node, Mapping):
         raise KeyError(f"{name!r} names a submodule, not a value; give one of {_sown_names(node)}.")
     return node[-1]  # sow appends to a tuple; one call per apply gives one entry.
+
+
+def check_config(config: Any) -> None:
+    """Checks that the model sows ``config.probe.intermediate`` (and has its ``unit``).
+
+    Runs on shapes only (``jax.eval_shape`` of the model's initialisation and
+    of an inference pass on one image of the data set's shape), so it needs
+    neither the data nor any device work: `jbn.train.loop.train_and_evaluate`
+    calls it before it loads the data or touches the workdir. A no-op when
+    the probe is off.
+
+    Raises:
+        ConfigError: Naming ``probe.intermediate`` with the names the model
+            sows, or ``probe.unit`` with the value's number of units.
+    """
+    probe = config.get("probe")
+    if probe is None or probe.get("every_steps") is None or not probe.get("intermediate"):
+        return  # Off, or config_schema.validate names the missing name.
+    model_config = config.model.copy_and_resolve_references()
+    with model_config.unlocked():
+        # The same variables and shapes without the native kernel (built on first
+        # use) and without batch groups (one image; inference ignores them).
+        if "native_input_conv" in model_config:
+            model_config.native_input_conv = False
+        model_config.virtual_batch_size = None
+    model = registry.make_model(model_config)
+    image = jax.ShapeDtypeStruct((1, *datasets.info(config.data.name).image_shape), jnp.float32)
+
+    def sown(inputs: jax.Array) -> Any:
+        variables = model.init(jax.random.key(0), inputs, train=False)
+        _, state = model.apply(variables, inputs, train=False, mutable=["intermediates"])
+        return state.get("intermediates", {})
+
+    intermediates = jax.eval_shape(sown, image)
+    name, unit = probe.intermediate, probe.get("unit")
+    try:
+        value = sown_value(intermediates, name)
+    except KeyError:
+        names = ", ".join(_sown_names(intermediates)) or "none"
+        raise config_schema.ConfigError(
+            [
+                f"config.probe.intermediate={name!r}: must name a value that "
+                f"model.name={config.model.name!r} sows: {names}."
+            ]
+        ) from None
+    if unit is not None and not -value.shape[-1] <= unit < value.shape[-1]:
+        raise config_schema.ConfigError(
+            [
+                f"config.probe.unit={unit!r}: must be an index on the last axis of {name!r} "
+                f"({value.shape[-1]} units), or None."
+            ]
+        )
 
 
 class ActivationProbe:

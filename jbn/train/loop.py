@@ -163,7 +163,8 @@ def _check_finite(pending: list[tuple[int, Metrics]]) -> None:
 def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     """Trains, evaluates after every epoch, checkpoints, and resumes from ``workdir``.
 
-    Before anything runs the config is validated (`jbn.train.config_schema`)
+    Before anything runs the config is validated (`jbn.train.config_schema`,
+    and the probe against the model's shapes: `activation_probe.check_config`)
     and, if ``workdir`` holds checkpoints, compared with the config they were
     trained with (`jbn.train.run_config`). SIGTERM and SIGINT stop the run
     after the current step, with a checkpoint of it (`jbn.train.preemption`).
@@ -186,6 +187,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
         Preempted: On SIGTERM/SIGINT, once the last step is checkpointed.
     """
     config_schema.validate(config)
+    activation_probe.check_config(config)  # On shapes, before any data or checkpoint.
     start_time = time.time()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
