@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import io
 import pathlib
 import pickle
 import socket
@@ -19,6 +20,7 @@ import pytest
 from conftest import write_cifar10_dir
 
 from jbn.train import data
+from jbn.train.datasets import cifar, files
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_CIFAR_DIRS = [
@@ -151,6 +153,75 @@ def test_download_offline_fails_fast_with_instructions(tmp_path):
     assert str(tmp_path / "cifar-10-batches-py") in message
     assert "JBN_DATA_DIR" in message and "test_batch" in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_downloads_into_one_empty_directory_both_succeed(
+    tmp_path, archive_server, monkeypatch
+):
+    # Two loaders (two processes of a run on one shared disk) both find the
+    # files missing and download. Renames into the data directory wait for each
+    # other, so both try to publish their copy at once: the loser must give way.
+    url, sha256 = archive_server
+    directory = tmp_path / "cifar-10-batches-py"
+    both_ready = threading.Barrier(2, timeout=120)
+    rename = pathlib.Path.rename
+
+    def rename_together(self, target):
+        if pathlib.Path(target) == directory:
+            both_ready.wait()
+        return rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", rename_together)
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(data.load_cifar10(tmp_path, url=url, sha256=sha256))
+        except Exception as e:  # Reported below, with the thread's traceback lost.
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(results) == 2
+    np.testing.assert_array_equal(results[0].train_images, results[1].train_images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py"]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        ["batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6))]
+    )
+
+
+def test_download_writes_only_the_archives_data_files(tmp_path, monkeypatch):
+    # A tampered archive with a path out of the folder, a link and a subfolder:
+    # only the plain files of cifar-10-batches-py/ are written, on any Python.
+    source = write_cifar10_dir(tmp_path / "source" / "cifar-10-batches-py", 4, 4)
+    archive = tmp_path / "served" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="cifar-10-batches-py")
+        escape = tarfile.TarInfo("cifar-10-batches-py/../../escaped")
+        escape.size = 4
+        tar.addfile(escape, io.BytesIO(b"evil"))
+        link = tarfile.TarInfo("cifar-10-batches-py/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        nested = tarfile.TarInfo("cifar-10-batches-py/sub/file")
+        nested.size = 4
+        tar.addfile(nested, io.BytesIO(b"evil"))
+    monkeypatch.setattr(files, "_retrieve", lambda url, known_hash, path, fname: str(archive))
+    ds = data.load_cifar10(tmp_path / "data", url="http://unused/x.tar.gz", sha256="0" * 64)
+    assert ds.train_images.shape == (20, 32, 32, 3)
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert [p for p in written if not p.startswith(("source", "served"))] == [
+        "data",
+        "data/cifar-10-batches-py",
+        *(
+            f"data/cifar-10-batches-py/{name}"
+            for name in sorted(cifar.CIFAR10.files + ("batches.meta",))
+        ),
+    ]
 
 
 # --- batching --------------------------------------------------------------------------

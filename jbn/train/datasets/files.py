@@ -11,18 +11,26 @@ known:
 
 Downloads go to a temporary sibling directory first and are checked against
 their official hash there, so a failed or corrupt download never leaves
-partial files where the loader looks.
+partial files where the loader looks. From an archive only the regular files
+of its data folder are copied out (no links, subfolders or paths that leave
+it; no ``tarfile`` extraction filter needed, which older Python 3.10 and 3.11
+releases lack). Several processes may download into the same empty directory
+at once (the processes of a run on one shared disk): the first to move its
+copy in wins, the others keep the files already there.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import pathlib
+import posixpath
 import shutil
 import tarfile
 import tempfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import pooch
@@ -125,10 +133,45 @@ def _retrieve(url: str, known_hash: str, path: pathlib.Path, fname: str) -> str:
 
 
 def _move_into(source: pathlib.Path, directory: pathlib.Path, names: Iterable[str]) -> None:
+    """Moves the files ``names`` that ``directory`` lacks; one there already is kept.
+
+    Two processes may both find a file missing and both move theirs: a rename
+    replaces the file atomically, and both copies passed the same hash.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     for name in names:
         if not (directory / name).exists():
             (source / name).rename(directory / name)
+
+
+def _publish(unpacked: pathlib.Path, directory: pathlib.Path) -> None:
+    """Moves the folder ``unpacked`` to ``directory``, or its files into one that exists.
+
+    The rename is atomic on one filesystem; when another process got there
+    first (``directory`` exists and is not empty), its files stay and only the
+    missing ones are moved in.
+    """
+    try:
+        unpacked.rename(directory)
+    except OSError:
+        if not directory.is_dir():
+            raise
+        _move_into(unpacked, directory, [p.name for p in unpacked.iterdir()])
+
+
+def _extract_files(archive: str, member_dir: str, destination: pathlib.Path) -> None:
+    """Copies the regular files directly inside ``member_dir`` of a ``.tar.gz`` to ``destination``.
+
+    Nothing else is written: no links or devices, no subfolders, no member
+    whose path leaves ``member_dir`` (``a/../b`` is read as ``b``).
+    """
+    destination.mkdir(parents=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            folder, name = posixpath.split(posixpath.normpath(member.name))
+            if member.isfile() and folder == member_dir and name not in ("", ".", ".."):
+                with tar.extractfile(member) as data, open(destination / name, "wb") as out:
+                    shutil.copyfileobj(data, out)
 
 
 def download_archive(
@@ -141,6 +184,9 @@ def download_archive(
     not_found: Callable[[str], DataNotFoundError],
 ) -> None:
     """Fetches a ``.tar.gz``, checks its SHA-256 and moves ``member_dir``'s files into ``directory``.
+
+    ``directory`` gets the regular files directly inside ``member_dir`` (see
+    `_extract_files`); if another process filled it meanwhile, its files stay.
 
     Args:
         directory: Destination of the files.
@@ -162,15 +208,14 @@ def download_archive(
             raise not_found(f"checksum mismatch for {url}: {e}") from e
         except Exception as e:  # requests' connection / timeout / HTTP errors
             raise not_found(f"download from {url} failed ({e!r}).") from e
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(staging / "unpacked", filter="data")
-        unpacked = staging / "unpacked" / member_dir
+        unpacked = staging / "unpacked"
+        try:
+            _extract_files(archive, member_dir, unpacked)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise not_found(f"archive from {url} is unreadable ({e!r}).") from e
         if any(not (unpacked / name).is_file() for name in required):
             raise not_found(f"archive from {url} lacks {member_dir}/ with {', '.join(required)}.")
-        if not directory.exists():
-            unpacked.rename(directory)  # Atomic on one filesystem.
-        else:
-            _move_into(unpacked, directory, [p.name for p in unpacked.iterdir()])
+        _publish(unpacked, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
