@@ -99,6 +99,27 @@ def test_mnist_rejects_malformed_idx(tmp_path, content, match):
         datasets.load("mnist", directory, download=False)
 
 
+def test_mnist_header_claiming_2_to_the_64_values_is_refused(tmp_path):
+    # 65536**4 = 2**64 wraps to 0 in int64: np.prod matched an empty body.
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 4]) + np.asarray([65536] * 4, ">u4").tobytes())
+    with pytest.raises(datasets.DataFileError, match=r"18446744073709551616 values"):
+        mnist.read_idx(path)
+    gzipped = tmp_path / "big.gz"  # More than a .gz of its size can hold: not inflated.
+    gzipped.write_bytes(gzip.compress(idx_bytes(np.zeros((2, 3), np.uint8))[:8] + b"\xff" * 4))
+    with pytest.raises(datasets.DataFileError, match=r"more than .* can hold"):
+        mnist.read_idx(gzipped)
+
+
+def test_mnist_corrupt_gzip_is_a_data_file_error_naming_it(tmp_path):
+    data = bytearray(gzip.compress(idx_bytes(np.arange(3000, dtype=np.uint8).reshape(3, 1000))))
+    data[10] ^= 0xFF  # The deflate stream: zlib.error ("invalid stored block lengths").
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(datasets.DataFileError, match=f"{path}: unreadable"):
+        mnist.read_idx(path)
+
+
 def test_mnist_rejects_label_count_mismatch(tmp_path):
     directory = write_mnist_dir(tmp_path, 4, 4, gzipped=False)
     (directory / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(3, np.uint8)))

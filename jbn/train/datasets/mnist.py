@@ -24,8 +24,10 @@ Example:
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pathlib
+import zlib
 
 import numpy as np
 
@@ -59,6 +61,8 @@ MD5_GZ = {
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 SUBDIR = "mnist"
 _UNSIGNED_BYTE = 0x08
+# Deflate's largest expansion (about 1032:1): a .gz header cannot honestly claim more.
+MAX_DEFLATE_RATIO = 1032
 
 
 def _find(directory: pathlib.Path, name: str) -> pathlib.Path | None:
@@ -90,27 +94,50 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an IDX file of unsigned bytes (plain or ``.gz``) into a uint8 array.
 
+    The size the header claims is checked against the file before the values
+    are read: a plain file must hold exactly that many bytes after the header,
+    and a ``.gz`` file can hold at most `MAX_DEFLATE_RATIO` times its size; no
+    more than the claimed values plus one byte are ever inflated.
+
     Raises:
-        DataFileError: If the header is not an unsigned-byte IDX header or the
-            size does not match it.
+        DataFileError: If the header is not an unsigned-byte IDX header, the
+            values do not match it, or a ``.gz`` file is corrupt.
     """
     path = pathlib.Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    gzipped = path.suffix == ".gz"
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:  # A corrupt gzip stream.
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] or head[1] or head[2] != _UNSIGNED_BYTE:
+                raise DataFileError(f"{path}: not an IDX file of unsigned bytes (header {head!r}).")
+            dims = f.read(4 * head[3])
+            shape = tuple(int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4))
+            if len(dims) != 4 * head[3]:
+                raise DataFileError(
+                    f"{path}: the header ends after {len(shape)} of {head[3]} sizes."
+                )
+            size = math.prod(shape)  # Exact: np.prod wraps around in int64.
+            header = 4 + len(dims)
+            on_disk = path.stat().st_size
+            if gzipped and size > MAX_DEFLATE_RATIO * on_disk:
+                raise DataFileError(
+                    f"{path}: the header says shape {shape} ({size} values), more than a "
+                    f".gz file of {on_disk} bytes can hold."
+                )
+            if not gzipped and size != on_disk - header:
+                raise DataFileError(
+                    f"{path}: the header says shape {shape} ({size} values), but "
+                    f"{on_disk - header} values follow."
+                )
+            raw = f.read(size + 1)
+    except (OSError, EOFError, zlib.error) as e:  # A corrupt gzip stream.
         raise DataFileError(f"{path}: unreadable ({e}).") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _UNSIGNED_BYTE:
-        raise DataFileError(f"{path}: not an IDX file of unsigned bytes (header {raw[:4]!r}).")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
-    if len(shape) != ndim or len(raw) - header != int(np.prod(shape)):
+    if len(raw) != size:
+        follow = "more" if len(raw) > size else str(len(raw))
         raise DataFileError(
-            f"{path}: the header says shape {shape}, but {len(raw) - header} values follow."
+            f"{path}: the header says shape {shape} ({size} values), but {follow} values follow."
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape).copy()
 
 
 def _read_split(directory: pathlib.Path, images_name: str, labels_name: str) -> tuple:
