@@ -4,7 +4,8 @@ Both processes must finish with identical params and batch stats (jbn.train.loop
 checks with multihost_utils.assert_equal and exits non-zero otherwise), equal
 to a 1-process run on 4 devices within 1e-5, including across a resume from
 a checkpoint written by both processes. SIGTERM to one process stops both
-after the same step (JAX's preemption sync), with a checkpoint of it. Every
+after the same step (JAX's preemption sync, or without that service jbn's own
+handlers with the flags shared every step), with a checkpoint of it. Every
 process is killed on failure.
 """
 
@@ -126,14 +127,20 @@ def test_two_processes_match_one_process_on_four_devices(cifar_fixture_dir, tmp_
 
 
 @pytest.mark.timeout(600)
-def test_sigterm_to_one_process_stops_both_after_the_same_step(cifar_fixture_dir, tmp_path):
+@pytest.mark.parametrize("service", ["preemption service", "no preemption service"])
+def test_sigterm_to_one_process_stops_both_after_the_same_step(
+    cifar_fixture_dir, tmp_path, service
+):
     workdir = tmp_path / "wd"
     # 1000 steps: far more than run before the preemption sync settles (seconds).
     cmds = _two_process_cmds(workdir, cifar_fixture_dir, max_steps=1000, num_epochs=100)
+    env = _env(2)
+    if service == "no preemption service":  # No JAX SIGTERM handler: jbn's own, flags shared.
+        env["JAX_ENABLE_PREEMPTION_SERVICE"] = "false"
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     files = [open(log, "w") for log in logs]  # noqa: SIM115 - closed below
     procs = [
-        subprocess.Popen(cmd, env=_env(2), stdout=f, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
         for cmd, f in zip(cmds, files, strict=True)
     ]
     try:
@@ -152,9 +159,13 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(cifar_fixture_dir
             f.close()
     outputs = [log.read_text() for log in logs]
     assert codes == [143, 143], [out[-3000:] for out in outputs]
+    if service == "preemption service":
+        stopped_by = ["a preemption notice .*", "a preemption notice .*"]
+    else:  # Process 1 got the signal; process 0 learnt it from the shared flags.
+        stopped_by = ["a stop request .*", "SIGTERM"]
     steps = [
-        int(re.search(r"Stopped by a preemption notice .* after train step (\d+);", out).group(1))
-        for out in outputs
+        int(re.search(rf"Stopped by {by} after train step (\d+);", out).group(1))
+        for by, out in zip(stopped_by, outputs, strict=True)
     ]
     assert steps[0] == steps[1], steps
     step = steps[0]

@@ -127,13 +127,39 @@ def test_stop_requests_with_sync_ask_it_and_forward_sigint_as_sigterm():
     try:
         with preemption.StopRequests(sync=lambda count: counts.append(count) or count == 7) as stop:
             assert signal.getsignal(signal.SIGTERM) is not stop._on_signal  # Left to JAX.
-            stop.start(4)
+            stop.report_start_step(4)
             assert [stop.should_stop(c) for c in (5, 6, 7)] == [False, False, True]
             os.kill(os.getpid(), signal.SIGINT)
             assert seen == [signal.SIGTERM] and stop.exit_code == 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert counts == [4, 5, 6, 7]
+
+
+def test_stop_requests_with_agree_handle_both_signals_and_share_the_flag():
+    # Several processes without JAX's preemption service: our handlers, flags shared.
+    flags = []
+    others = iter([False, False, True])  # Another process has a signal at the third step.
+    with preemption.StopRequests(
+        agree=lambda flag: flags.append(flag) or flag or next(others)
+    ) as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._on_signal
+        assert signal.getsignal(signal.SIGINT) == stop._on_signal
+        stop.report_start_step(4)  # Nothing to report to.
+        assert [stop.should_stop(c) for c in (5, 6, 7)] == [False, False, True]
+        assert stop.signal_name.startswith("a stop request") and stop.exit_code == 143
+        os.kill(os.getpid(), signal.SIGTERM)  # This process: stops whatever the others say.
+        assert stop.should_stop(8) and stop.signal_name == "SIGTERM"
+    assert flags == [False, False, False, True]
+    with pytest.raises(ValueError, match="not both"):
+        preemption.StopRequests(lambda step: False, agree=lambda flag: flag)
+
+
+def test_preemption_sync_and_any_process_in_one_process():
+    from jbn.train import distributed
+
+    assert not distributed.preemption_sync_available()  # No distributed runtime here.
+    assert distributed.any_process(True) and not distributed.any_process(False)
 
 
 def test_stop_requests_outside_the_main_thread_install_nothing():

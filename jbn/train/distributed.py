@@ -25,11 +25,13 @@ from jax.sharding import PartitionSpec as P
 __all__ = [
     "BATCH_STATS_MODES",
     "DATA_AXIS",
+    "any_process",
     "assert_replicas_agree",
     "batch_sharding",
     "batch_stats_group_size",
     "create_mesh",
     "maybe_initialize_distributed",
+    "preemption_sync_available",
     "put_batch",
     "replicated",
 ]
@@ -233,3 +235,29 @@ def assert_replicas_agree(tree: Any, what: str = "state") -> None:
 
     local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
     multihost_utils.assert_equal(local, f"{what} differs between processes")
+
+
+def preemption_sync_available() -> bool:
+    """Whether JAX's preemption sync runs: a multi-process run with its preemption service on.
+
+    ``jax.distributed.initialize`` starts it unless ``jax_enable_preemption_service``
+    is False (``JAX_ENABLE_PREEMPTION_SERVICE=false``); only then does JAX
+    catch SIGTERM and ``multihost_utils.reached_preemption_sync_point`` work
+    (orbax's ``reached_preemption`` then says False forever).
+    """
+    from jax._src import distributed as jax_distributed  # No public accessor.
+
+    state = jax_distributed.global_state
+    return state.client is not None and state.preemption_sync_manager is not None
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is True on any process: a collective every process must call.
+
+    A no-op (``flag`` itself) in a single-process run.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))

@@ -195,8 +195,12 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
         checkpointer = resources.enter_context(
             Checkpointer(workdir / CHECKPOINT_DIR, config.keep_checkpoints)
         )
-        sync = checkpointer.reached_preemption if jax.process_count() > 1 else None
-        stop = resources.enter_context(preemption.StopRequests(sync))
+        sync = agree = None
+        if jax.process_count() > 1 and distributed.preemption_sync_available():
+            sync = checkpointer.reached_preemption  # JAX's preemption sync owns SIGTERM.
+        elif jax.process_count() > 1:
+            agree = distributed.any_process  # Service off: our handlers, flags shared.
+        stop = resources.enter_context(preemption.StopRequests(sync, agree=agree))
         state, dataset, mesh, record = _train(
             config, workdir, checkpointer, stop, resources, start_time
         )
@@ -214,7 +218,7 @@ def _train(
     """The body of `train_and_evaluate`: returns the final state and last record."""
     is_main = jax.process_index() == 0
     latest = checkpointer.latest_step()
-    stop.start(latest or 0)  # First: a preemption notice from now on is not missed.
+    stop.report_start_step(latest or 0)  # First: a preemption notice from now on is not missed.
     notes = run_config.check_resume(workdir, config) if latest is not None else []
     mesh = config_schema.create_mesh(config)
     dataset = datasets.load(

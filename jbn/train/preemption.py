@@ -18,15 +18,22 @@ on a step to stop at: the fastest process's last step + 1
 (``multihost_utils.reached_preemption_sync_point``, which orbax's
 ``CheckpointManager.reached_preemption`` wraps). `should_stop` asks it after
 every step with the global train step, the counter orbax's own ``save`` also
-reports; `start` reports the step a resumed run starts from, before anything
-else, so that a notice during start-up is placed after it. (A notice that
-arrives before `start`, while the process is still starting, is missed: the
-run goes on as without these handlers.) SIGINT is forwarded to the process as
-SIGTERM, so Ctrl-C takes the same path.
+reports; `report_start_step` reports the step a resumed run starts from,
+before anything else, so that a notice during start-up is placed after it.
+(A notice that arrives before that, while the process is still starting, is
+missed: the run goes on as without these handlers.) SIGINT is forwarded to
+the process as SIGTERM, so Ctrl-C takes the same path.
+
+Several processes without that service (``jax_enable_preemption_service``
+False: JAX then installs no SIGTERM handler, so a SIGTERM would kill the
+process with nothing saved): Python handlers record SIGTERM and SIGINT as in a
+single process, and after every step all processes share their flags
+(``agree``, e.g. `jbn.train.distributed.any_process`, a small all-gather), so
+they all stop after the first step at whose end any of them had a signal.
 
 Example:
     >>> with StopRequests() as stop:  # doctest: +SKIP
-    ...     stop.start(step)
+    ...     stop.report_start_step(step)
     ...     for batch in batches:
     ...         state, step = train_step(state, batch), step + 1
     ...         if stop.should_stop(step):
@@ -75,17 +82,32 @@ class StopRequests:
 
     Use as a context manager around the train loop; handlers are installed on
     entry and the previous ones restored on exit. Outside the main thread
-    (where Python cannot install handlers) it never requests a stop.
+    (where Python cannot install handlers) no signal is seen. A run of one
+    process passes neither ``sync`` nor ``agree``; one of several passes one.
 
     Args:
-        sync: For runs of several processes, ``fn(step) -> bool``: whether all
-            processes have reached the step agreed on after a preemption
-            notice (e.g. ``Checkpointer.reached_preemption``). None for one
-            process.
+        sync: For runs of several processes with JAX's preemption service,
+            ``fn(step) -> bool``: whether all processes have reached the step
+            agreed on after a preemption notice (e.g.
+            ``Checkpointer.reached_preemption``). JAX then owns SIGTERM.
+        agree: For runs of several processes without it, ``fn(flag) -> bool``:
+            whether any process's ``flag`` (a signal received) is True, a
+            collective (e.g. `jbn.train.distributed.any_process`).
+
+    Raises:
+        ValueError: If both ``sync`` and ``agree`` are given.
     """
 
-    def __init__(self, sync: Callable[[int], bool] | None = None) -> None:
+    def __init__(
+        self,
+        sync: Callable[[int], bool] | None = None,
+        *,
+        agree: Callable[[bool], bool] | None = None,
+    ) -> None:
+        if sync is not None and agree is not None:
+            raise ValueError("StopRequests takes sync (JAX's preemption sync) or agree, not both.")
         self._sync = sync
+        self._agree = agree
         self._received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -94,6 +116,8 @@ class StopRequests:
         """The signal that asked to stop, as the user would name it."""
         if self._received is not None:
             return signal.Signals(self._received).name
+        if self._agree is not None:
+            return "a stop request (SIGTERM or SIGINT to another process)"
         return "a preemption notice (SIGTERM to one of the processes)"
 
     @property
@@ -101,18 +125,24 @@ class StopRequests:
         """128 + the signal number (SIGTERM when another process received it)."""
         return 128 + (self._received or signal.SIGTERM)
 
-    def start(self, step: int) -> None:
-        """Reports the step training starts from (with ``sync``; a no-op without)."""
+    def report_start_step(self, step: int) -> None:
+        """Reports the step training starts from to JAX's preemption sync (else a no-op).
+
+        Call it first, on every process: a preemption notice from then on is
+        placed after ``step``.
+        """
         if self._sync is not None:
             self._sync(step)
 
     def should_stop(self, step: int) -> bool:
         """Whether to stop now, after train step ``step``.
 
-        With ``sync``, call it after every step on every process.
+        With ``sync`` or ``agree``, call it after every step on every process.
         """
         if self._sync is not None:
             return self._sync(step)
+        if self._agree is not None:
+            return self._agree(self._received is not None)
         return self._received is not None
 
     def _restore(self) -> None:
@@ -140,7 +170,7 @@ class StopRequests:
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
-            # With several processes JAX's runtime owns SIGTERM; only SIGINT is ours.
+            # With JAX's preemption sync its runtime owns SIGTERM; only SIGINT is ours.
             signals = (signal.SIGINT,) if self._sync is not None else STOP_SIGNALS
             for signum in signals:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
