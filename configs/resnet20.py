@@ -2,8 +2,9 @@
 
 The paper's recipe (SGD, momentum 0.9, weight decay 1e-4, batch 128, random
 crop + flip; plain cross-entropy) with the schedule shortened to the budget:
-4 epochs (1,564 steps) of a one-cycle LR peaking at 0.2 after one epoch. The
-paper trains 64k steps at 0.1 with two step decays; a one-cycle schedule
+4 epochs (1,560 steps: 390 an epoch, whose last 80 of the 50,000 shuffled
+images make no full batch and are left out) of a one-cycle LR peaking at 0.2
+after one epoch. The paper trains 64k steps at 0.1 with two step decays; a one-cycle schedule
 reaches a good optimum in far fewer steps (Smith & Topin 2019), and with
 BatchNorm the net takes the doubled peak rate.
 
