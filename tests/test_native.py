@@ -281,7 +281,7 @@ exit 1
 """
 
 
-@pytest.mark.parametrize("size", [0, 4096])
+@pytest.mark.parametrize("size", [0, 4096, "half"])
 def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch, size):
     good = native._library_path(os.environ.get("CXX", "g++"))
     compiler = tmp_path / "fake-g++"
