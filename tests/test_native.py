@@ -133,6 +133,9 @@ def test_patch_conv_uses_the_kernel_only_where_supported():
         (jnp.ones((2, 8, 8, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 16))),  # bfloat16 input
         (jnp.ones((2, 8, 8, 3), jnp.int32), jnp.ones((3, 3, 3, 16))),  # int32 input
         (jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16, 1))),  # 5-D kernel
+        # 5-D with 16 last: the old check read only the last dimension, and this one
+        # reached the FFI call (bad operands) instead of this ValueError.
+        (jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 1, 16))),
         (jnp.ones((8, 8, 3)), jnp.ones((3, 3, 3, 16))),  # 3-D input
     ],
 )
