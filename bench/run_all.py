@@ -34,6 +34,7 @@ SCRIPTS = [
     ("bench.bench_pooling", ["--rounds", "5"], ["--rounds", "3"]),
     ("bench.bench_folding", ["--rounds", "7"], ["--rounds", "3"]),
     ("bench.bench_bn_modes", ["--rounds", "5"], ["--rounds", "3"]),
+    ("bench.bench_cpu_settings", ["--rounds", "4"], ["--rounds", "1", "--timings", "1"]),
 ]
 UNTUNED_SCRIPTS = (
     "bench.bench_train_step",
