@@ -3,6 +3,7 @@
 Runs on 8 fake CPU devices (tests/conftest.py). Tolerance: 1e-5 (float32).
 """
 
+import functools
 import re
 
 import jax
@@ -112,24 +113,22 @@ def test_gradients_match_global_and_use_one_collective_each_way(mesh):
         lambda a, b: np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL), grads, grads_ref
     )
 
-    # Forward: the statistics take one all_gather and nothing else. Backward
-    # (its program also holds the forward): that all_gather and one psum, which
-    # carries BatchNorm's two sums and the parameters' gradients together.
+    # Forward: the statistics take one collective, a psum that gathers every
+    # device's moments (jbn.core.statistics.gather_with_psum), and nothing else.
+    # Backward (its program also holds the forward): that psum and one more,
+    # which carries BatchNorm's two sums and the parameters' gradients together.
     forward = jax.make_jaxpr(sharded)(x, mask, params, stats).jaxpr
-    assert _jaxpr_collectives(forward) == ["all_gather"]
+    assert _jaxpr_collectives(forward) == ["psum"]
     backward = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, params).jaxpr
-    assert sorted(_jaxpr_collectives(backward)) == ["all_gather", "psum"]
+    assert _jaxpr_collectives(backward) == ["psum", "psum"]
     # And in the compiled programs (after XLA's own combining).
     collective = (
         r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\("
     )
     compiled = sharded.lower(x, mask, params, stats).compile().as_text()
-    assert [m.group(1) for m in re.finditer(collective, compiled)] == ["all-gather"]
+    assert [m.group(1) for m in re.finditer(collective, compiled)] == ["all-reduce"]
     compiled = jax.jit(jax.grad(loss, (0, 1))).lower(x, params).compile().as_text()
-    assert sorted(m.group(1) for m in re.finditer(collective, compiled)) == [
-        "all-gather",
-        "all-reduce",
-    ]
+    assert [m.group(1) for m in re.finditer(collective, compiled)] == ["all-reduce", "all-reduce"]
 
 
 def test_axis_index_groups(mesh):
@@ -192,3 +191,40 @@ def test_merged_variance_with_masks_is_accurate_when_mean_dominates(mesh):
     y, new = _sharded_bn(mesh, momentum=0.0)(x, mask, None, jbn.init_batch_stats(4))
     valid = np.asarray(x, np.float64)[np.broadcast_to(mask, x.shape)].reshape(-1, 4)
     np.testing.assert_array_less(np.abs(new["var"] / valid.var(0) - 1), 1e-5)
+
+
+def test_gather_with_psum_equals_all_gather(mesh):
+    # The merge's gather: every device's values in index order, exactly (the
+    # other slots add zeros), with a single psum; per group with axis_index_groups.
+    from jbn.core.statistics import gather_with_psum
+
+    x = np.random.default_rng(9).normal(size=(8, 2, 3)).astype(np.float32)
+    x[3, 0, 0] = np.nan  # stays in its own slot
+
+    def both(x, groups=None):
+        ours = gather_with_psum(x[0], "data", groups)
+        theirs = jax.lax.all_gather(x[0], "data", axis_index_groups=groups)
+        return ours[None], theirs[None]
+
+    def run(groups):
+        f = jax.shard_map(
+            functools.partial(both, groups=groups),
+            mesh=mesh,
+            in_specs=P("data"),
+            out_specs=P("data"),
+            check_vma=False,
+        )
+        return jax.jit(f)(x)
+
+    ours, theirs = run(None)
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours[5], x)
+    ours, theirs = run([[0, 2, 4, 6], [1, 3, 5, 7]])
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours[1], x[[1, 3, 5, 7]])
+    # Over two nested vmap axes, where all_gather fails: the flattened devices.
+    nested = jax.vmap(
+        jax.vmap(lambda v: gather_with_psum(v, ("outer", "inner"), None), axis_name="inner"),
+        axis_name="outer",
+    )(x.reshape(2, 4, 2, 3))
+    np.testing.assert_array_equal(nested[1, 2], x)

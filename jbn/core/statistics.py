@@ -4,7 +4,8 @@ Moments accumulate in float32 or wider whatever the input dtype, and use two
 passes (the mean, then the squared deviations from it), so the variance stays
 accurate when ``|mean| >> std``. Across mapped devices (``axis_name``) the
 per-device moments are merged count-weighted (Chan et al.) after a single
-``all_gather``, which makes masks with unequal valid counts per device exact;
+collective (a ``psum`` that gathers them, `gather_with_psum`), which makes
+masks with unequal valid counts per device exact;
 each device also sends the sum of its deviations from its float mean, which
 keeps the merged variance as accurate as one device's when ``|mean| >> std``.
 """
@@ -123,11 +124,6 @@ def _varying_names(x: Array) -> frozenset:
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", frozenset()))
 
 
-def _gathered_type(x: Array, axis_name: AxisName) -> str:
-    """'invarying' inside ``shard_map`` (so results may be replicated outputs)."""
-    return "invarying" if set(_axis_names(axis_name)) <= _varying_names(x) else "varying"
-
-
 def as_varying_like(
     values: tuple[Array, ...], reference: Array, axis_name: AxisName
 ) -> tuple[Array, ...]:
@@ -154,6 +150,49 @@ def as_varying_like(
     return tuple(stacked)
 
 
+def _positions_in_groups(axis_index_groups: Any) -> tuple[int, tuple[int, ...]]:
+    """Group size and each device index's position within its group."""
+    groups = [list(group) for group in axis_index_groups]
+    if len({len(group) for group in groups}) != 1:
+        raise ValueError(f"axis_index_groups must all have one size, got {axis_index_groups}")
+    positions = [0] * sum(len(group) for group in groups)
+    for group in groups:
+        for position, index in enumerate(group):
+            positions[index] = position
+    return len(groups[0]), tuple(positions)
+
+
+def gather_with_psum(local: Array, axis_name: AxisName, axis_index_groups: Any) -> Array:
+    """Every device's ``local``, stacked along a new leading axis, with one ``psum``.
+
+    Each device writes its values into its own slot of an array of zeros and
+    the slots are summed: exact (every other slot adds zeros), the result is
+    device-invariant inside ``shard_map``, and it works over any set of mapped
+    axes, where ``lax.all_gather`` fails over several nested ``vmap`` axes.
+    It carries ``devices`` times the data of ``local``, as an all-gather's
+    result does.
+
+    Args:
+      local: This device's array.
+      axis_name: Mapped axis name(s); several names are flattened in order.
+      axis_index_groups: Optional groups of indices within ``axis_name``
+        (each device then gets its group's values).
+
+    Returns:
+      ``(devices, *local.shape)``: the devices of the group, in index order.
+    """
+    names = _axis_names(axis_name)
+    index = lax.axis_index(names if len(names) > 1 else names[0])
+    if axis_index_groups is None:
+        size = lax.axis_size(names if len(names) > 1 else names[0])
+    else:
+        size, positions = _positions_in_groups(axis_index_groups)
+        index = jnp.asarray(positions)[index]
+    own_slot = (jnp.arange(size) == index).reshape((size,) + (1,) * local.ndim)
+    slots = jnp.where(own_slot, local[None], jnp.zeros((), local.dtype))
+    return lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
+
+
 def _merge_across_devices(
     count: Array,
     mean: Array,
@@ -162,7 +201,7 @@ def _merge_across_devices(
     axis_name: AxisName,
     axis_index_groups: Any,
 ) -> tuple[Array, Array, Array]:
-    """Count-weighted merge (Chan et al.) of per-device moments, one all_gather.
+    """Count-weighted merge (Chan et al.) of per-device moments, one collective.
 
     Device ``d`` contributes ``sum((x - M) ** 2) = m2_d + 2 (mean_d - M) s_d +
     count_d (mean_d - M) ** 2`` to the merged sum around the merged mean ``M``,
@@ -173,13 +212,9 @@ def _merge_across_devices(
     over 8 devices. The same sums also correct ``M`` for the rounding of the
     per-device means.
     """
-    local = jnp.stack([count, mean, m2, deviation_sum])
-    gathered = lax.all_gather(
-        local, axis_name, axis_index_groups=axis_index_groups, to=_gathered_type(local, axis_name)
+    gathered = gather_with_psum(
+        jnp.stack([count, mean, m2, deviation_sum]), axis_name, axis_index_groups
     )
-    if isinstance(axis_name, (tuple, list)):
-        # all_gather over several axes adds one leading axis per name.
-        gathered = gathered.reshape((-1, *gathered.shape[-(count.ndim + 1) :]))
     counts, means, m2s, deviation_sums = (gathered[:, i] for i in range(4))
     total = jnp.sum(counts, 0, keepdims=True)
     sums = jnp.sum(counts * means, 0, keepdims=True) + jnp.sum(deviation_sums, 0, keepdims=True)
@@ -232,7 +267,7 @@ def moments(
 
     Accumulates in float32 (or wider), in two passes (the mean, then the
     squared deviations), so it stays accurate when ``|mean| >> std``. With ``axis_name``, per-device moments are merged
-    count-weighted with a single ``all_gather``.
+    count-weighted after a single ``psum`` (`gather_with_psum`).
 
     Args:
       x: Input array.
