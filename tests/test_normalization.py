@@ -13,6 +13,7 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiled_hlo import full_size_fusions
 
 import jbn
 from jbn.core import validation
@@ -425,6 +426,39 @@ def test_vmap_axis_name_equals_the_global_batch():
     )
     np.testing.assert_allclose(y.reshape(24, 3), y_ref, atol=1e-5)
     np.testing.assert_allclose(new["var"][0], new_ref["var"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs",
+    [
+        ((64, 8, 8, 32), dict()),
+        ((64, 32, 8, 8), dict(axis=1)),
+        ((4096, 32), dict()),
+        ((64, 8, 8, 32), dict(virtual_batch_size=16)),
+    ],
+)
+def test_x_minus_mean_is_never_written_to_memory(shape, kwargs):
+    # On XLA:CPU the statistics and the gradient's sums read x with x - mean
+    # fused in: forward and forward+backward each write one full-size array,
+    # their result (y, dx). When XLA's CSE merges two of the x - mean (or their
+    # broadcast means), it writes that array to memory and reads it back (so
+    # did the code before it wrote them apart, for all but NHWC). With a mask,
+    # XLA:CPU writes the masked arrays (YNNPACK's reductions take no select).
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks XLA:CPU's fusions")
+    axis = kwargs.get("axis", -1)
+    x = jnp.asarray(np.random.default_rng(17).normal(size=shape), jnp.float32)
+    params, stats = jbn.init_params(shape[axis]), jbn.init_batch_stats(shape[axis])
+
+    def forward(x, params):
+        return jbn.batch_norm(x, params, stats, training=True, **kwargs)
+
+    def forward_backward(x, params, dy):
+        (y, new_stats), vjp = jax.vjp(forward, x, params)
+        return vjp((dy, jax.tree.map(jnp.zeros_like, new_stats)))
+
+    assert len(full_size_fusions(forward, x, params, size=x.size)) == 1
+    assert len(full_size_fusions(forward_backward, x, params, x, size=x.size)) == 1
 
 
 def _full_size_residuals(f, x, *args):

@@ -11,6 +11,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiled_hlo import full_size_fusions
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -228,3 +229,26 @@ def test_gather_with_psum_equals_all_gather(mesh):
         axis_name="outer",
     )(x.reshape(2, 4, 2, 3))
     np.testing.assert_array_equal(nested[1, 2], x)
+
+
+def test_the_merge_writes_no_centred_copy(mesh):
+    # The merged statistics read each device's x with x - mean fused into the
+    # reductions (tests/test_normalization.py checks one device): per device,
+    # forward and forward+backward write one full-size array, y and dx.
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks XLA:CPU's fusions")
+    x, params, stats = _data((64, 8, 8, 32), seed=10)
+    sharded = jax.shard_map(
+        lambda x, params: jbn.batch_norm(x, params, stats, training=True, axis_name="data"),
+        mesh=mesh,
+        in_specs=(P("data"), P()),
+        out_specs=(P("data"), P()),
+    )
+
+    def forward_backward(x, params, dy):
+        (y, new_stats), vjp = jax.vjp(sharded, x, params)
+        return vjp((dy, jax.tree.map(jnp.zeros_like, new_stats)))
+
+    per_device = x.size // 8
+    assert len(full_size_fusions(sharded, x, params, size=per_device)) == 1
+    assert len(full_size_fusions(forward_backward, x, params, x, size=per_device)) == 1

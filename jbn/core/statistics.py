@@ -52,36 +52,87 @@ def stats_dtype(dtype: Any) -> Any:
     return dtype if wide else jnp.dtype(jnp.float32)
 
 
-def leading_axes_view(x: Array, reduction_axes: tuple[int, ...]) -> Array | None:
-    """``x`` as ``(rows, *features)`` when the reduced axes lead (NHWC), else None.
+class ReductionView(NamedTuple):
+    """``x`` reshaped so that each run of adjacent reduced (or kept) axes is one axis.
 
-    The view is a free reshape. Writing an ``x - mean`` that feeds a reduction
-    on this view, instead of on ``x``, gives it its own HLO: XLA's CSE then
-    cannot merge it with the ``x - mean`` of other consumers, and XLA:CPU fuses
-    a subtraction into a reduction only when the reduction is its sole user
-    (otherwise ``x - mean`` is written to memory and read back, one extra pass).
+    Attributes:
+      array: The reshaped ``x`` (a free reshape).
+      axes: Its reduced axes.
+      keepdims_shape: Shape of a per-feature array broadcast against ``array``.
     """
-    if reduction_axes != tuple(range(len(reduction_axes))):
-        return None
-    return x.reshape((-1, *x.shape[len(reduction_axes) :]))
+
+    array: Array
+    axes: tuple[int, ...]
+    keepdims_shape: tuple[int, ...]
+
+    def per_feature(self, values: Array) -> Array:
+        """``values`` (keepdims shape of ``x``) reshaped to broadcast against ``array``."""
+        return values.reshape(self.keepdims_shape)
+
+
+def reduction_view(x: Array, reduction_axes: tuple[int, ...]) -> ReductionView | None:
+    """``x`` reshaped to another shape with the same features, or None.
+
+    Adjacent reduced axes and adjacent kept axes merge: NHWC becomes
+    ``(N*H*W, C)`` (rows), NCHW ``(N, C, H*W)``; where none are adjacent (``(N,
+    C)``), an even reduced axis splits in two. A subtraction written on this
+    view, instead of on ``x``, is its own HLO: XLA's CSE then cannot merge it
+    with the ``x - mean`` that other consumers compute on ``x``, and XLA:CPU
+    fuses a subtraction into a reduction only when the reduction is its sole
+    user (otherwise ``x - mean`` is written to memory and read back, one extra
+    pass). None when neither is possible.
+    """
+    groups: list[tuple[bool, tuple[int, ...]]] = []  # (reduced, sizes) per run of axes
+    for ax, size in enumerate(x.shape):
+        reduced = ax in reduction_axes
+        if groups and groups[-1][0] == reduced:
+            groups[-1] = (reduced, groups[-1][1] + (size,))
+        else:
+            groups.append((reduced, (size,)))
+    shape = [math.prod(sizes) for _, sizes in groups]
+    reduced = [flag for flag, _ in groups]
+    if len(shape) == x.ndim:
+        even = [i for i, n in enumerate(shape) if reduced[i] and n % 2 == 0]
+        if not even:
+            return None
+        shape[even[0] : even[0] + 1] = [shape[even[0]] // 2, 2]
+        reduced[even[0] : even[0] + 1] = [True, True]
+    axes = tuple(i for i, flag in enumerate(reduced) if flag)
+    keepdims = tuple(1 if flag else n for flag, n in zip(reduced, shape, strict=True))
+    return ReductionView(x.reshape(shape), axes, keepdims)
 
 
 def _sums_of_deviations(
-    x: Array, mean: Array, reduction_axes: tuple[int, ...], with_first_power: bool
+    x: Array,
+    mean: Array,
+    mask: Array | None,
+    reduction_axes: tuple[int, ...],
+    with_first_power: bool,
 ) -> tuple[Array, Array | None]:
-    """``sum((x - mean) ** 2)`` and optionally ``sum(x - mean)`` (keepdims), in one pass.
+    """``sum((x - mean) ** 2)`` and optionally ``sum(x - mean)`` over valid elements (keepdims).
 
-    Both reductions read the same fused subtraction (see `leading_axes_view`).
+    Each is one reduction reading ``x`` with the subtraction fused in: the
+    squares on `reduction_view` (``view - mean``), the first powers on ``x``
+    as ``x + (-mean)``, both distinct from the normalisation's ``x - mean``
+    and from the backward pass's ``view + (-mean)``. Shared, XLA:CPU would
+    write ``x - mean`` (or the broadcast ``mean``) to memory and read it back.
     """
-    rows = leading_axes_view(x, reduction_axes)
-    if rows is None:
-        deviations, axes = x - mean, reduction_axes
+
+    def valid(values: Array, where: Array | None) -> Array:
+        return values if where is None else jnp.where(where, values, 0)
+
+    view = reduction_view(x, reduction_axes)
+    if view is None:
+        m2 = jnp.sum(valid(jnp.square(x - mean), mask), reduction_axes, keepdims=True)
     else:
-        deviations, axes = rows - mean.reshape((1, *rows.shape[1:])), (0,)
-    m2 = jnp.sum(jnp.square(deviations), axes).reshape(mean.shape)
+        view_mask = (
+            None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(view.array.shape)
+        )
+        squares = jnp.square(view.array - view.per_feature(mean))
+        m2 = jnp.sum(valid(squares, view_mask), view.axes, keepdims=True).reshape(mean.shape)
     if not with_first_power:
         return m2, None
-    return m2, jnp.sum(deviations, axes).reshape(mean.shape)
+    return m2, jnp.sum(valid(x + (-mean), mask), reduction_axes, keepdims=True)
 
 
 def _local_moments(
@@ -92,7 +143,7 @@ def _local_moments(
     Two passes over ``x`` (the mean, then the squared deviations from it), so
     the variance stays accurate when ``|mean| >> std``, unlike
     ``E[x^2] - E[x]^2``. On XLA:CPU each pass is one fused reduction that
-    reads ``x`` (see `leading_axes_view`).
+    reads ``x`` (see `_sums_of_deviations`).
 
     Returns:
       ``(count, mean, m2, deviation_sum)`` with ``keepdims`` shapes, where
@@ -103,14 +154,13 @@ def _local_moments(
     if mask is None:
         count = math.prod(x.shape[ax] for ax in reduction_axes)
         mean = jnp.sum(x, reduction_axes, keepdims=True) / count
-        m2, deviation_sum = _sums_of_deviations(x, mean, reduction_axes, with_deviation_sum)
-        return jnp.full(mean.shape, count, x.dtype), mean, m2, deviation_sum
-    count = jnp.sum(mask, reduction_axes, dtype=x.dtype, keepdims=True)
-    mean = jnp.sum(jnp.where(mask, x, 0), reduction_axes, keepdims=True) / jnp.maximum(count, 1)
-    m2 = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0), reduction_axes, keepdims=True)
-    if not with_deviation_sum:
-        return count, mean, m2, None
-    return count, mean, m2, jnp.sum(jnp.where(mask, x - mean, 0), reduction_axes, keepdims=True)
+        count = jnp.full(mean.shape, count, x.dtype)
+    else:
+        count = jnp.sum(mask, reduction_axes, dtype=x.dtype, keepdims=True)
+        mean = jnp.sum(jnp.where(mask, x, 0), reduction_axes, keepdims=True)
+        mean = mean / jnp.maximum(count, 1)
+    m2, deviation_sum = _sums_of_deviations(x, mean, mask, reduction_axes, with_deviation_sum)
+    return count, mean, m2, deviation_sum
 
 
 def _axis_names(axis_name: AxisName) -> tuple[Any, ...]:
