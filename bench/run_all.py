@@ -31,6 +31,7 @@ SCRIPTS = [
     ("bench.bench_resnet_step", ["--rounds", "5"], ["--rounds", "2", "--min-seconds", "1"]),
     ("bench.bench_norm_in_networks", ["--rounds", "7"], ["--rounds", "2", "--min-seconds", "0.5"]),
     ("bench.bench_batchnorm", ["--rounds", "7"], ["--rounds", "3"]),
+    ("bench.bench_one_read", ["--rounds", "7"], ["--rounds", "2"]),
     ("bench.bench_pooling", ["--rounds", "5"], ["--rounds", "3"]),
     ("bench.bench_folding", ["--rounds", "7"], ["--rounds", "3"]),
     ("bench.bench_bn_modes", ["--rounds", "5"], ["--rounds", "3"]),

@@ -14,6 +14,7 @@ import pytest
 from compiled_hlo import full_size_fusions
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_normalization import documented_variance_bound
 
 import jbn
 
@@ -252,3 +253,26 @@ def test_the_merge_writes_no_centred_copy(mesh):
     per_device = x.size // 8
     assert len(full_size_fusions(sharded, x, params, size=per_device)) == 1
     assert len(full_size_fusions(forward_backward, x, params, x, size=per_device)) == 1
+
+
+@pytest.mark.parametrize("mean_over_std", [0.0, 1e3, 3e4, 1e5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_merged_variance_within_the_documented_bound(mesh, mean_over_std, masked):
+    # As tests/test_normalization.py checks one device: the 8-device merge
+    # (count-weighted, with the deviation sums) keeps the same float32 bound.
+    rng = np.random.default_rng(int(mean_over_std) + 11)
+    x = rng.normal(mean_over_std * 0.5, 0.5, (64, 8, 8, 3)).astype(np.float32)
+    mask = rng.random((64, 8, 8, 1)) > 0.4 if masked else np.ones((64, 8, 8, 1), bool)
+    mask[:8] = False  # one device holds nothing valid
+    merged = jax.jit(
+        jax.shard_map(
+            lambda x, mask: jbn.moments(x, mask=mask, axis_name="data"),
+            mesh=mesh,
+            in_specs=(P("data"), P("data")),
+            out_specs=P(),
+        )
+    )(x, mask)
+    valid = np.asarray(x, np.float64)[np.broadcast_to(mask, x.shape)].reshape(-1, 3)
+    error = np.max(np.abs(np.asarray(merged.var, np.float64) / valid.var(0) - 1))
+    assert error <= documented_variance_bound(mean_over_std), error
+    np.testing.assert_allclose(merged.mean, valid.mean(0), rtol=3e-7, atol=1e-6)
