@@ -30,6 +30,8 @@ SCRIPTS = [
     ("bench.bench_train_step", ["--rounds", "5"], ["--rounds", "3"]),
     ("bench.bench_resnet_step", ["--rounds", "5"], ["--rounds", "2", "--min-seconds", "1"]),
     ("bench.bench_norm_in_networks", ["--rounds", "7"], ["--rounds", "2", "--min-seconds", "0.5"]),
+    ("bench.profile_norm_layers", ["--network", "resnet20", "--steps", "6"], ["--steps", "2"]),
+    ("bench.profile_norm_layers", ["--network", "small", "--steps", "20"], ["--network", "small"]),
     ("bench.bench_batchnorm", ["--rounds", "7"], ["--rounds", "3"]),
     ("bench.bench_one_read", ["--rounds", "7"], ["--rounds", "2"]),
     ("bench.bench_pooling", ["--rounds", "5"], ["--rounds", "3"]),
