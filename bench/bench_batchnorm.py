@@ -4,7 +4,8 @@ Forward and forward+backward (training mode), at the two BatchNorm shapes of
 the seed CNN (batch 128) and one large shape. The backward pass is called in
 the two ways training code calls it: ``jax.vjp`` with an explicit output
 gradient, and ``jax.grad`` of a scalar loss (``vdot(y, g)``) with respect to
-the input and the parameters. Competitors run side by side in one process, in
+the input and the parameters (on XLA:CPU both compile to the same operations;
+the script checks and says so under the table). Competitors run side by side in one process, in
 interleaved rounds, with a pause before each timing (PyTorch's OpenMP workers
 spin after each call and would slow whatever is timed right after them);
 medians are reported with jbn's time as a fraction of the others', per round:
@@ -18,6 +19,7 @@ On a GPU, PyTorch runs there too (`bench.timing.torch_device`).
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 
 import flax.linen as nn
@@ -75,7 +77,19 @@ def jax_cases(shape):
         "flax grad": (grad_of_loss(flax_fwd), (*flax_args, dy)),
         "memory copy": (copy, (x,)),
     }
-    return {name: timing.jax_callable(fn, *args) for name, (fn, args) in cases.items()}
+    same = {
+        impl: _program(cases[f"{impl} vjp"]) == _program(cases[f"{impl} grad"])
+        for impl in ("jbn", "flax")
+    }
+    return {name: timing.jax_callable(fn, *args) for name, (fn, args) in cases.items()}, same
+
+
+def _program(case) -> str:
+    """The compiled program's operations, without names, numbering or metadata."""
+    fn, args = case
+    text = fn.lower(*args).compile().as_text()
+    text = re.sub(r", metadata=\{[^}]*\}", "", text[text.index("ENTRY") :])
+    return re.sub(r"\.\d+\b", "", text.split("\n", 1)[1])
 
 
 def torch_cases(shape):
@@ -130,8 +144,13 @@ def main():
         "| shape (NHWC) | op | jbn | flax | torch CL | memory copy | jbn / flax | jbn / torch |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    same_programs = []
     for shape in SHAPES:
-        funcs = {**jax_cases(shape), **torch_cases(shape)}
+        jax_funcs, same = jax_cases(shape)
+        same_programs += [
+            f"{impl} at {shape}: {'yes' if ok else 'no'}" for impl, ok in same.items()
+        ]
+        funcs = {**jax_funcs, **torch_cases(shape)}
         samples = timing.interleaved_samples(funcs, rounds=args.rounds, pause_seconds=args.pause)
         med = {name: statistics.median(values) for name, values in samples.items()}
         for label, jax_op, torch_op in OPS:
@@ -146,6 +165,11 @@ def main():
                 f"| {shape} | {label} | {med[f'jbn {jax_op}']:.3f} | {med[f'flax {jax_op}']:.3f} "
                 f"| {torch_med:.3f} | {med['memory copy']:.3f} | {flax_ratio} | {torch_ratio} |"
             )
+    lines += [
+        "",
+        "The two calling forms compile to the same operations (the optimized programs "
+        "compared without names): " + ", ".join(same_programs) + ".",
+    ]
     timing.emit("\n".join(lines), args.markdown)
 
 
