@@ -28,8 +28,8 @@ from jbn import cpu_tuning
 
 SCRIPTS = [
     ("bench.bench_train_step", ["--rounds", "5"], ["--rounds", "3"]),
-    ("bench.bench_resnet_step", ["--rounds", "5"], ["--rounds", "2", "--min-seconds", "1"]),
-    ("bench.bench_norm_in_networks", ["--rounds", "7"], ["--rounds", "2", "--min-seconds", "0.5"]),
+    ("bench.bench_resnet_step", ["--rounds", "3"], ["--rounds", "2", "--min-seconds", "1"]),
+    ("bench.bench_norm_in_networks", ["--rounds", "5"], ["--rounds", "2", "--min-seconds", "0.5"]),
     ("bench.profile_norm_layers", ["--network", "resnet20", "--steps", "6"], ["--steps", "2"]),
     ("bench.profile_norm_layers", ["--network", "small", "--steps", "20"], ["--network", "small"]),
     ("bench.bench_batchnorm", ["--rounds", "7"], ["--rounds", "3"]),
@@ -37,7 +37,7 @@ SCRIPTS = [
     ("bench.bench_pooling", ["--rounds", "5"], ["--rounds", "3"]),
     ("bench.bench_folding", ["--rounds", "7"], ["--rounds", "3"]),
     ("bench.bench_bn_modes", ["--rounds", "5"], ["--rounds", "3"]),
-    ("bench.bench_cpu_settings", ["--rounds", "4"], ["--rounds", "1", "--timings", "1"]),
+    ("bench.bench_cpu_settings", ["--rounds", "3"], ["--rounds", "1", "--timings", "1"]),
 ]
 UNTUNED_SCRIPTS = (
     "bench.bench_train_step",
@@ -141,9 +141,10 @@ def main() -> None:
         "and jits its own step. Load average when this part started: "
         f"{os.getloadavg()[0]:.2f}.\n"
     )
-    for module, full_args, quick_args in SCRIPTS:
+    for module, _, quick_args in SCRIPTS:
         if module in UNTUNED_SCRIPTS:
-            section = run_script(module, quick_args if args.quick else full_args, untuned)
+            script_args = quick_args if args.quick else UNTUNED_SCRIPTS[module]
+            section = run_script(module, script_args, untuned)
             sections.append(section.replace("### `python", "### untuned: `python", 1))
             print(sections[-1], flush=True)
     with open(args.out, "w") as f:
