@@ -2,7 +2,8 @@
 
 Batch 128 of 32x32x3, SGD(lr=0.1, momentum=0.9), cross-entropy; the same maths
 in every framework. Competitors run side by side in one process in interleaved
-rounds; the median images/s and the ratios to jbn are printed, plus the
+rounds, with a pause before each timing (PyTorch's OpenMP workers spin after
+each call and would slow the JAX step timed right after them); the median images/s and the ratios to jbn are printed, plus the
 compiled temp memory of the jitted steps (``memory_analysis()``). "jbn" is
 the network as ``train.py`` runs it on one CPU device: its RGB input layer runs
 the compiled kernel of `jbn.ops.native` (when a C++ compiler is there to build it).
@@ -119,6 +120,7 @@ def torch_step(channels_last):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds before each timing")
     parser.add_argument("--markdown", default=None, help="append a markdown table to this file")
     args = parser.parse_args()
     # As train.py runs it on one device: the RGB layer natively on the CPU (jbn.ops.native).
@@ -143,7 +145,9 @@ def main():
         run = torch_step(channels_last)
         if run is not None:
             funcs[name] = run
-    medians = timing.interleaved_medians(funcs, rounds=args.rounds, min_seconds=1.0)
+    medians = timing.interleaved_medians(
+        funcs, rounds=args.rounds, min_seconds=1.0, pause_seconds=args.pause
+    )
     ips = {name: BATCH / (ms / 1e3) for name, ms in medians.items()}
     lines = [
         f"## SmallBNConvNet train step (batch {BATCH}, SGD momentum; median of {args.rounds} interleaved rounds)",

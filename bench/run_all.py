@@ -4,6 +4,12 @@ Nothing in BENCHMARKS.md is typed by hand: the machine and versions are read
 here, and every table is the verbatim output of a bench script, each of which
 measures its competitors side by side in one process.
 
+Every script runs first with the process settings ``train.py`` runs with
+(`jbn.cpu_tuning`), then the scripts of `UNTUNED_SCRIPTS` run once more in a
+fresh process without any of them (``JBN_NO_CPU_TUNING=1``, no allocator
+variables, no XLA flags): what a user's own script that imports jbn and jits a
+step gets.
+
   python -m bench.run_all [--out BENCHMARKS.md] [--quick]
 """
 
@@ -22,12 +28,22 @@ from jbn import cpu_tuning
 
 SCRIPTS = [
     ("bench.bench_train_step", ["--rounds", "5"], ["--rounds", "3"]),
-    ("bench.bench_resnet_step", ["--rounds", "5"], ["--rounds", "2", "--min-seconds", "1"]),
+    ("bench.bench_resnet_step", ["--rounds", "3"], ["--rounds", "2", "--min-seconds", "1"]),
+    ("bench.bench_norm_in_networks", ["--rounds", "5"], ["--rounds", "2", "--min-seconds", "0.5"]),
+    ("bench.profile_norm_layers", ["--network", "resnet20", "--steps", "6"], ["--steps", "2"]),
+    ("bench.profile_norm_layers", ["--network", "small", "--steps", "20"], ["--network", "small"]),
     ("bench.bench_batchnorm", ["--rounds", "7"], ["--rounds", "3"]),
+    ("bench.bench_one_read", ["--rounds", "7"], ["--rounds", "2"]),
     ("bench.bench_pooling", ["--rounds", "5"], ["--rounds", "3"]),
     ("bench.bench_folding", ["--rounds", "7"], ["--rounds", "3"]),
     ("bench.bench_bn_modes", ["--rounds", "5"], ["--rounds", "3"]),
+    ("bench.bench_cpu_settings", ["--rounds", "3"], ["--rounds", "1", "--timings", "1"]),
 ]
+UNTUNED_SCRIPTS = (
+    "bench.bench_train_step",
+    "bench.bench_norm_in_networks",
+    "bench.bench_batchnorm",
+)
 
 
 def _cpu_model() -> str:
@@ -55,6 +71,31 @@ def _jax_devices() -> str:
     return f"{jax.default_backend()}, {len(devices)} x {devices[0].device_kind}"
 
 
+def untuned_environment(base: dict[str, str]) -> dict[str, str]:
+    """``base`` without jbn.cpu_tuning's settings, and ``JBN_NO_CPU_TUNING`` set.
+
+    Drops the allocator variables and ``XLA_FLAGS`` (the scripts set no flag of
+    their own), so the process starts as a user's own script would.
+    """
+    env = {k: v for k, v in base.items() if k not in cpu_tuning.MALLOC_ENV and k != "XLA_FLAGS"}
+    env[cpu_tuning.OPT_OUT_ENV] = "1"
+    return env
+
+
+def run_script(module: str, args: list[str], env: dict[str, str]) -> str:
+    """Runs one bench script; returns its section of BENCHMARKS.md."""
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", module, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    elapsed = time.perf_counter() - start
+    output = (
+        result.stdout.strip() if result.returncode == 0 else f"FAILED:\n{result.stderr[-2000:]}"
+    )
+    if not output.lstrip().startswith("#"):
+        output = f"```\n{output}\n```"
+    return f"### `python -m {module} {' '.join(args)}` ({elapsed:.0f} s)\n\n{output}\n"
+
+
 def header(env: dict[str, str]) -> str:
     """The machine and library versions, as markdown."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -72,7 +113,7 @@ def header(env: dict[str, str]) -> str:
             f"- JAX devices: {_jax_devices()} (PyTorch runs on a GPU too when JAX does)",
             f"- python {platform.python_version()}; {versions}",
             f"- load average when started: {load:.2f} (the machine is shared: compare ratios, not absolute times)",
-            "- environment of every script (as train.py sets it, see jbn/cpu_tuning.py): "
+            "- environment of every script but the untuned ones at the end (as train.py sets it, see jbn/cpu_tuning.py): "
             + ", ".join(f"{key}={env.get(key, 'unset')}" for key in cpu_tuning.MALLOC_ENV)
             + f", XLA_FLAGS={env.get('XLA_FLAGS', '')!r}",
             "",
@@ -89,19 +130,23 @@ def main() -> None:
     env = cpu_tuning.environment()
     sections = [header(env)]
     for module, full_args, quick_args in SCRIPTS:
-        start = time.perf_counter()
-        cmd = [sys.executable, "-m", module, *(quick_args if args.quick else full_args)]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        elapsed = time.perf_counter() - start
-        output = (
-            result.stdout.strip() if result.returncode == 0 else f"FAILED:\n{result.stderr[-2000:]}"
-        )
-        if not output.lstrip().startswith("#"):
-            output = f"```\n{output}\n```"
-        sections.append(
-            f"### `python -m {module} {' '.join(cmd[3:])}` ({elapsed:.0f} s)\n\n{output}\n"
-        )
+        sections.append(run_script(module, quick_args if args.quick else full_args, env))
         print(sections[-1], flush=True)
+    untuned = untuned_environment(dict(os.environ))
+    sections.append(
+        "## Untuned: what a user's own script gets\n\n"
+        "The same scripts in a fresh process without any of `jbn.cpu_tuning`'s settings "
+        f"(`{cpu_tuning.OPT_OUT_ENV}=1`, no allocator variables, `XLA_FLAGS` unset): no "
+        "re-execution, no compile options, XLA's defaults, as in a script that imports jbn "
+        "and jits its own step. Load average when this part started: "
+        f"{os.getloadavg()[0]:.2f}.\n"
+    )
+    for module, _, quick_args in SCRIPTS:
+        if module in UNTUNED_SCRIPTS:
+            script_args = quick_args if args.quick else UNTUNED_SCRIPTS[module]
+            section = run_script(module, script_args, untuned)
+            sections.append(section.replace("### `python", "### untuned: `python", 1))
+            print(sections[-1], flush=True)
     with open(args.out, "w") as f:
         f.write("\n".join(sections))
     print(f"wrote {args.out}")

@@ -54,13 +54,13 @@ def time_once(fn: Callable[[], None], min_seconds: float = 0.2) -> float:
             return 1e3 * elapsed / calls
 
 
-def interleaved_medians(
+def interleaved_samples(
     funcs: dict[str, Callable[[], None]],
     rounds: int = 7,
     min_seconds: float = 0.2,
     pause_seconds: float = 0.0,
-) -> dict[str, float]:
-    """Median milliseconds per call of each function, measured in interleaved rounds.
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, one sample per interleaved round.
 
     Each round times every function once, so slow drifts of a shared machine hit
     all competitors alike. ``pause_seconds`` of sleep before each timing lets the
@@ -72,7 +72,34 @@ def interleaved_medians(
         for name, fn in funcs.items():
             time.sleep(pause_seconds)
             samples[name].append(time_once(fn, min_seconds))
+    return samples
+
+
+def interleaved_medians(
+    funcs: dict[str, Callable[[], None]],
+    rounds: int = 7,
+    min_seconds: float = 0.2,
+    pause_seconds: float = 0.0,
+) -> dict[str, float]:
+    """Median milliseconds per call of each function (see `interleaved_samples`)."""
+    samples = interleaved_samples(funcs, rounds, min_seconds, pause_seconds)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def ratio_spread(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """Median, lowest and highest of the per-round ratios ``numerator / denominator``.
+
+    Rounds are paired (same round, same machine state), so the spread shows how
+    much a ratio moves between rounds, which the ratio of two medians hides.
+    """
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    return statistics.median(ratios), ratios[0], ratios[-1]
+
+
+def format_spread(spread: tuple[float, float, float]) -> str:
+    """``"0.78x (0.74-0.81)"``: the median ratio and its per-round range."""
+    median, low, high = spread
+    return f"{median:.2f}x ({low:.2f}-{high:.2f})"
 
 
 def emit(text: str, markdown: str | None = None) -> None:

@@ -75,10 +75,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
     Args:
       input_size: Number of channels ``C``; each example has shape ``(C, *spatial)``.
       axis_name: Name of the mapped batch axis (``jax.vmap``, ``pmap`` or
-        ``shard_map``) whose examples share statistics. A tuple of several
-        names, which Equinox takes, fails at present over nested ``jax.vmap``
-        axes (``jax.lax.all_gather`` in `jbn.core.statistics` does not take
-        them; a strict xfail in ``tests/test_equinox.py`` tracks it).
+        ``shard_map``) whose examples share statistics, or a tuple of names
+        (as Equinox takes): statistics over all of them, nested ``jax.vmap``
+        axes included.
       eps: Added to the variance; positive and finite.
       channelwise_affine: Learn a per-channel ``weight`` and ``bias``.
       momentum: Decay of the running statistics in ``[0, 1]`` (Flax and

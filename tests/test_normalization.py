@@ -13,6 +13,7 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiled_hlo import full_size_fusions
 
 import jbn
 from jbn.core import validation
@@ -174,6 +175,32 @@ def test_variance_is_accurate_when_mean_dominates():
     flax_var = flax_vars[1]["batch_stats"]["var"]
     flax_err = np.max(np.abs(np.asarray(flax_var) - true_var) / true_var)
     assert flax_err > 1e-3, flax_err  # documents the failure mode jbn avoids
+
+
+def documented_variance_bound(mean_over_std):
+    """jbn.core.statistics' float32 bound, ``(1.2e-7 |mean| / std)**2 + 2e-7``, with 2x margin."""
+    return 2 * ((1.2e-7 * mean_over_std) ** 2 + 2e-7)
+
+
+@pytest.mark.parametrize("mean_over_std", [0.0, 1e2, 1e3, 1e4, 3e4, 1e5])
+@pytest.mark.parametrize("std", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_variance_error_within_the_documented_bound(mean_over_std, std, masked):
+    # float64 NumPy on the float32 values as the reference, any scale; within
+    # 1e-5 up to mean/std of about 2.5e4 (measured 1.2e-6 at 1e4, 4.7e-5 at 1e5).
+    rng = np.random.default_rng(int(mean_over_std) + 7)
+    x = rng.normal(mean_over_std * std, std, (64, 8, 8, 3)).astype(np.float32)
+    mask = rng.random((64, 8, 8, 1)) > 0.4 if masked else None
+    valid = (
+        np.asarray(x, np.float64)[np.broadcast_to(mask, x.shape)].reshape(-1, 3)
+        if masked
+        else (np.asarray(x, np.float64).reshape(-1, 3))
+    )
+    got = np.asarray(jbn.moments(x, mask=mask).var, np.float64)
+    error = np.max(np.abs(got / valid.var(0) - 1))
+    assert error <= documented_variance_bound(mean_over_std), error
+    if mean_over_std <= 1e4:
+        assert error <= 1e-5
 
 
 def test_variance_is_never_negative_and_constant_input_is_finite():
@@ -425,6 +452,39 @@ def test_vmap_axis_name_equals_the_global_batch():
     )
     np.testing.assert_allclose(y.reshape(24, 3), y_ref, atol=1e-5)
     np.testing.assert_allclose(new["var"][0], new_ref["var"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs",
+    [
+        ((64, 8, 8, 32), dict()),
+        ((64, 32, 8, 8), dict(axis=1)),
+        ((4096, 32), dict()),
+        ((64, 8, 8, 32), dict(virtual_batch_size=16)),
+    ],
+)
+def test_x_minus_mean_is_never_written_to_memory(shape, kwargs):
+    # On XLA:CPU the statistics and the gradient's sums read x with x - mean
+    # fused in: forward and forward+backward each write one full-size array,
+    # their result (y, dx). When XLA's CSE merges two of the x - mean (or their
+    # broadcast means), it writes that array to memory and reads it back (so
+    # did the code before it wrote them apart, for all but NHWC). With a mask,
+    # XLA:CPU writes the masked arrays (YNNPACK's reductions take no select).
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks XLA:CPU's fusions")
+    axis = kwargs.get("axis", -1)
+    x = jnp.asarray(np.random.default_rng(17).normal(size=shape), jnp.float32)
+    params, stats = jbn.init_params(shape[axis]), jbn.init_batch_stats(shape[axis])
+
+    def forward(x, params):
+        return jbn.batch_norm(x, params, stats, training=True, **kwargs)
+
+    def forward_backward(x, params, dy):
+        (y, new_stats), vjp = jax.vjp(forward, x, params)
+        return vjp((dy, jax.tree.map(jnp.zeros_like, new_stats)))
+
+    assert len(full_size_fusions(forward, x, params, size=x.size)) == 1
+    assert len(full_size_fusions(forward_backward, x, params, x, size=x.size)) == 1
 
 
 def _full_size_residuals(f, x, *args):

@@ -3,6 +3,7 @@
 Runs on 8 fake CPU devices (tests/conftest.py). Tolerance: 1e-5 (float32).
 """
 
+import functools
 import re
 
 import jax
@@ -10,8 +11,10 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiled_hlo import full_size_fusions
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_normalization import documented_variance_bound
 
 import jbn
 
@@ -112,24 +115,22 @@ def test_gradients_match_global_and_use_one_collective_each_way(mesh):
         lambda a, b: np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL), grads, grads_ref
     )
 
-    # Forward: the statistics take one all_gather and nothing else. Backward
-    # (its program also holds the forward): that all_gather and one psum, which
-    # carries BatchNorm's two sums and the parameters' gradients together.
+    # Forward: the statistics take one collective, a psum that gathers every
+    # device's moments (jbn.core.statistics.gather_with_psum), and nothing else.
+    # Backward (its program also holds the forward): that psum and one more,
+    # which carries BatchNorm's two sums and the parameters' gradients together.
     forward = jax.make_jaxpr(sharded)(x, mask, params, stats).jaxpr
-    assert _jaxpr_collectives(forward) == ["all_gather"]
+    assert _jaxpr_collectives(forward) == ["psum"]
     backward = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, params).jaxpr
-    assert sorted(_jaxpr_collectives(backward)) == ["all_gather", "psum"]
+    assert _jaxpr_collectives(backward) == ["psum", "psum"]
     # And in the compiled programs (after XLA's own combining).
     collective = (
         r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\("
     )
     compiled = sharded.lower(x, mask, params, stats).compile().as_text()
-    assert [m.group(1) for m in re.finditer(collective, compiled)] == ["all-gather"]
+    assert [m.group(1) for m in re.finditer(collective, compiled)] == ["all-reduce"]
     compiled = jax.jit(jax.grad(loss, (0, 1))).lower(x, params).compile().as_text()
-    assert sorted(m.group(1) for m in re.finditer(collective, compiled)) == [
-        "all-gather",
-        "all-reduce",
-    ]
+    assert [m.group(1) for m in re.finditer(collective, compiled)] == ["all-reduce", "all-reduce"]
 
 
 def test_axis_index_groups(mesh):
@@ -192,3 +193,86 @@ def test_merged_variance_with_masks_is_accurate_when_mean_dominates(mesh):
     y, new = _sharded_bn(mesh, momentum=0.0)(x, mask, None, jbn.init_batch_stats(4))
     valid = np.asarray(x, np.float64)[np.broadcast_to(mask, x.shape)].reshape(-1, 4)
     np.testing.assert_array_less(np.abs(new["var"] / valid.var(0) - 1), 1e-5)
+
+
+def test_gather_with_psum_equals_all_gather(mesh):
+    # The merge's gather: every device's values in index order, exactly (the
+    # other slots add zeros), with a single psum; per group with axis_index_groups.
+    from jbn.core.statistics import gather_with_psum
+
+    x = np.random.default_rng(9).normal(size=(8, 2, 3)).astype(np.float32)
+    x[3, 0, 0] = np.nan  # stays in its own slot
+
+    def both(x, groups=None):
+        ours = gather_with_psum(x[0], "data", groups)
+        theirs = jax.lax.all_gather(x[0], "data", axis_index_groups=groups)
+        return ours[None], theirs[None]
+
+    def run(groups):
+        f = jax.shard_map(
+            functools.partial(both, groups=groups),
+            mesh=mesh,
+            in_specs=P("data"),
+            out_specs=P("data"),
+            check_vma=False,
+        )
+        return jax.jit(f)(x)
+
+    ours, theirs = run(None)
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours[5], x)
+    ours, theirs = run([[0, 2, 4, 6], [1, 3, 5, 7]])
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours[1], x[[1, 3, 5, 7]])
+    # Over two nested vmap axes, where all_gather fails: the flattened devices.
+    nested = jax.vmap(
+        jax.vmap(lambda v: gather_with_psum(v, ("outer", "inner"), None), axis_name="inner"),
+        axis_name="outer",
+    )(x.reshape(2, 4, 2, 3))
+    np.testing.assert_array_equal(nested[1, 2], x)
+
+
+def test_the_merge_writes_no_centred_copy(mesh):
+    # The merged statistics read each device's x with x - mean fused into the
+    # reductions (tests/test_normalization.py checks one device): per device,
+    # forward and forward+backward write one full-size array, y and dx.
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks XLA:CPU's fusions")
+    x, params, stats = _data((64, 8, 8, 32), seed=10)
+    sharded = jax.shard_map(
+        lambda x, params: jbn.batch_norm(x, params, stats, training=True, axis_name="data"),
+        mesh=mesh,
+        in_specs=(P("data"), P()),
+        out_specs=(P("data"), P()),
+    )
+
+    def forward_backward(x, params, dy):
+        (y, new_stats), vjp = jax.vjp(sharded, x, params)
+        return vjp((dy, jax.tree.map(jnp.zeros_like, new_stats)))
+
+    per_device = x.size // 8
+    assert len(full_size_fusions(sharded, x, params, size=per_device)) == 1
+    assert len(full_size_fusions(forward_backward, x, params, x, size=per_device)) == 1
+
+
+@pytest.mark.parametrize("mean_over_std", [0.0, 1e3, 3e4, 1e5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_merged_variance_within_the_documented_bound(mesh, mean_over_std, masked):
+    # As tests/test_normalization.py checks one device: the 8-device merge
+    # (count-weighted, with the deviation sums) keeps the same float32 bound.
+    rng = np.random.default_rng(int(mean_over_std) + 11)
+    x = rng.normal(mean_over_std * 0.5, 0.5, (64, 8, 8, 3)).astype(np.float32)
+    mask = rng.random((64, 8, 8, 1)) > 0.4 if masked else np.ones((64, 8, 8, 1), bool)
+    mask[:8] = False  # one device holds nothing valid
+    merged = jax.jit(
+        jax.shard_map(
+            lambda x, mask: jbn.moments(x, mask=mask, axis_name="data"),
+            mesh=mesh,
+            in_specs=(P("data"), P("data")),
+            out_specs=P(),
+        )
+    )(x, mask)
+    valid = np.asarray(x, np.float64)[np.broadcast_to(mask, x.shape)].reshape(-1, 3)
+    error = np.max(np.abs(np.asarray(merged.var, np.float64) / valid.var(0) - 1))
+    assert error <= documented_variance_bound(mean_over_std), error
+    np.testing.assert_allclose(merged.mean, valid.mean(0), rtol=3e-7, atol=1e-6)

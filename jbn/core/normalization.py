@@ -186,18 +186,17 @@ def _times_deviation(
     optimisation barrier (``prevent_cse=False``): XLA schedules it freely.
 
     With ``rows_axes`` (the reduced axes, for a per-feature ``factor``) the
-    subtraction is written as ``rows + (-mean)`` on
-    `statistics.leading_axes_view`, so it is distinct from every other
-    ``x - mean`` (the variance's ``rows - mean`` included): reverse mode turns the product into
+    subtraction is written as ``view + (-mean)`` on
+    `statistics.reduction_view`, so it is distinct from every other
+    ``x - mean`` (the variance's ``view - mean`` included): reverse mode turns the product into
     ``sum(g * (x - mean))``, and XLA:CPU then fuses the subtraction into that
     reduction instead of materialising a centred copy of ``x``.
     """
     xf = x.astype(statistics.stats_dtype(x.dtype))
-    rows = None if rows_axes is None else statistics.leading_axes_view(xf, rows_axes)
-    if rows is None:
+    view = None if rows_axes is None else statistics.reduction_view(xf, rows_axes)
+    if view is None:
         return (xf - mean) * factor
-    features = (1, *rows.shape[1:])
-    scaled = (rows + (-mean).reshape(features)) * factor.reshape(features)
+    scaled = (view.array + view.per_feature(-mean)) * view.per_feature(factor)
     return scaled.reshape(x.shape)
 
 

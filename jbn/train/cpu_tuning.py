@@ -1,7 +1,7 @@
-"""Process settings that make XLA:CPU train steps fast, applied by re-executing.
+"""Settings that make XLA:CPU train steps fast: per process, and per compiled function.
 
-Settings read only at process start, so entry points (``train.py``,
-``python -m jbn.sweep``) re-execute themselves once with them set:
+Entry points (``train.py``, ``python -m jbn.sweep``) re-execute themselves
+once with the process settings set (`reexec_tuned`):
 
 - glibc allocator: an XLA:CPU step allocates large fresh buffers every call.
   With the default (dynamic) mmap threshold each is mapped and zero-filled
@@ -15,6 +15,16 @@ Settings read only at process start, so entry points (``train.py``,
 
 The XLA flag is only added for jaxlib releases where it was measured
 (`TUNED_JAXLIB`): unknown XLA flags abort the process.
+
+A script of one's own needs neither the variables nor the re-execution: jbn
+carries both settings itself. `tune_allocator` sets the same glibc thresholds
+from inside the running process (``mallopt``), and `train_step_compiler_options`
+includes the YNNPACK setting as a compile option of the train step
+(``xla_cpu_experimental_ynn_fusion_type``; the compiled step is the same,
+instruction for instruction, as under the XLA flag)::
+
+    cpu_tuning.tune_allocator()
+    step = jax.jit(step, compiler_options=cpu_tuning.train_step_compiler_options("cpu"))
 
 Two more settings are per compiled function, not per process:
 
@@ -33,6 +43,7 @@ Set ``JBN_NO_CPU_TUNING=1`` to run without any of them.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import sys
@@ -40,9 +51,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+# mallopt's parameter numbers (glibc's malloc.h) for the same two thresholds.
+_MALLOPT_PARAMS = {"MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_TRIM_THRESHOLD_": -1}
 XLA_CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
+# The same setting as a compile option (DebugOptions enum names).
+YNN_FUSION_OPTION = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
 TUNED_JAXLIB = ("0.10.",)  # jaxlib releases where these settings exist and were measured.
-TRAIN_STEP_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+TRAIN_STEP_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False, **YNN_FUSION_OPTION}
 INIT_CPU_OPTIONS = {"xla_backend_optimization_level": 0}
 OPT_OUT_ENV = "JBN_NO_CPU_TUNING"
 
@@ -78,10 +95,16 @@ def _cpu_options(platform: str, options: Mapping[str, Any]) -> dict[str, Any]:
 def train_step_compiler_options(platform: str) -> dict[str, Any]:
     """XLA compile options for the train step on ``platform`` (``"cpu"``, ``"gpu"``, ...).
 
-    Empty off the CPU, on untested jaxlib releases, or when ``JBN_NO_CPU_TUNING``
-    is set.
+    On the CPU: XLA's older fusion emitter and the YNNPACK setting of
+    `XLA_CPU_FLAG` (unless ``XLA_FLAGS`` chooses its own YNNPACK fusions, which
+    then stand). Empty off the CPU, on untested jaxlib releases, or when
+    ``JBN_NO_CPU_TUNING`` is set.
     """
-    return _cpu_options(platform, TRAIN_STEP_CPU_OPTIONS)
+    options = _cpu_options(platform, TRAIN_STEP_CPU_OPTIONS)
+    if "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+        for key in YNN_FUSION_OPTION:
+            options.pop(key, None)
+    return options
 
 
 def init_compiler_options(platform: str) -> dict[str, Any]:
@@ -90,6 +113,35 @@ def init_compiler_options(platform: str) -> dict[str, Any]:
     Empty where `train_step_compiler_options` is.
     """
     return _cpu_options(platform, INIT_CPU_OPTIONS)
+
+
+def tune_allocator() -> bool:
+    """Sets glibc's mmap and trim thresholds of `MALLOC_ENV` in the running process.
+
+    The same settings as the environment variables (which glibc reads only when
+    a process starts), through ``mallopt``: they act on the allocations made
+    after the call, so call it before the first jitted step. ``mallopt`` takes
+    a C ``int``, so the trim threshold becomes ``2**31 - 1`` (any value above
+    the step's buffers does the same). Variables already set in the
+    environment are left alone.
+
+    Returns:
+      True if the thresholds were set; False off glibc, on an untested jaxlib
+      release, or when ``JBN_NO_CPU_TUNING`` is set.
+    """
+    if not _jaxlib_version().startswith(TUNED_JAXLIB) or os.environ.get(OPT_OUT_ENV) is not None:
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    done = True
+    for key, param in _MALLOPT_PARAMS.items():
+        if key not in os.environ:
+            done &= mallopt(param, min(int(MALLOC_ENV[key]), 2**31 - 1)) == 1
+    return done
 
 
 def reexec_tuned(argv: Sequence[str] | None = None) -> None:
