@@ -202,7 +202,7 @@ def test_paper_sweep_files_cells_and_budgets():
     assert len(cells) == 12 and {c[2] for c in cells} == {0.01, 0.1, 1.0}
     assert {c[0] for c in cells} == {"plain20", "resnet20"}
     assert all(v["seed"] == 0 for v in list(depth.variants.values())[:12])  # Seed 0 first.
-    assert depth.base.data.num_train_examples == 9600 and depth.base.data.batch_size == 64
+    assert depth.base.data.num_train_examples == 19200 and depth.base.data.batch_size == 64
 
     sigmoid = _sweep_file("sigmoid_plain.py")
     assert len(sigmoid.variants) == 8 and sigmoid.base.model.activation == "sigmoid"

@@ -14,19 +14,16 @@ The report shows final accuracy against the learning rate, steps to a
 threshold (from the step-wise evaluations) and divergence, and whether each
 BN / no-BN difference exceeds the seed-to-seed spread.
 
-Budget (the expensive experiment; about 35 minutes on a 2-core CPU): each run
-trains 150 steps of 64 images, one epoch of the first 9,600 training images
+Budget (the expensive experiment; about 40 minutes on a 2-core CPU): each run
+trains 300 steps of 64 images, one epoch of the first 19,200 training images
 (``data.num_train_examples``), and evaluates the first 1,000 test images
-(``data.num_test_examples``) at step 0 and every 25 steps. A probe of 20
-steps of batch 128 on the 2-core CPU shared with other jobs ran 51 (ResNet-20)
-and 79 (plain-20) images/s with BatchNorm, and a 1,000-image evaluation took
-about 4 s; alone the machine is roughly 2.5 times faster
-(``configs/resnet20.py`` measured 0.47-0.94 s per ResNet-20 step of 128,
-136-270 images/s), which gives about 100 s per ResNet-20 run and 75 s per
-plain-20 run with compilation. These are short runs: the curves show the
-first 0.2 epochs of training, where the
-effect of BatchNorm on the usable learning rate and on early progress shows;
-they say nothing about final accuracy after full training.
+(``data.num_test_examples``) at step 0 and every 50 steps. On the 2-core Intel
+machine of 2026-11-30 a ResNet-20 step of 128 took about 0.5 s
+(``configs/resnet20.py``), so a run takes roughly 80-100 s with compilation and
+evaluations (the AMD machines of other days are about 2x slower). These are
+short runs: the curves show the first 0.4 epochs' worth of training, where
+the effect of BatchNorm on the usable learning rate and on early progress
+shows; they say nothing about final accuracy after full training.
 
 Run with::
 
@@ -47,9 +44,9 @@ MODELS = ("plain20", "resnet20")
 LEARNING_RATES = (0.01, 0.1, 1.0)
 SEEDS = (0, 1)
 BATCH_SIZE = 64
-NUM_TRAIN_EXAMPLES = 9600  # 150 steps of 64.
+NUM_TRAIN_EXAMPLES = 19200  # 300 steps of 64.
 NUM_TEST_EXAMPLES = 1000
-EVAL_EVERY_STEPS = 25
+EVAL_EVERY_STEPS = 50
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -7,10 +7,10 @@ without BatchNorm, at peak one-cycle learning rates 0.1 and 1.0, seeds 0 and
 1: 8 variants ``seed<k>_<bn|nobn>_lr<lr>`` (run in name order: seed 0 first).
 
 Everything else and the budget as ``depth_lr.py`` (``configs/resnet20.py``'s
-recipe; 150 steps of 64 images from the first 9,600 training images, the
-first 1,000 test images evaluated every 25 steps), so
-the ReLU cells of that sweep are this one's reference: about 75 s per run on
-a 2-core CPU, 10 minutes in all. ``--sweep.base.model.name=plain56`` runs the
+recipe; 300 steps of 64 images from the first 19,200 training images, the
+first 1,000 test images evaluated every 50 steps), so
+the ReLU cells of that sweep are this one's reference: about 80 s per run on
+a 2-core CPU, 11 minutes in all. ``--sweep.base.model.name=plain56`` runs the
 56-layer plain network instead (about 2.8 times the cost).
 
 Run with::
