@@ -8,7 +8,6 @@ on timing, so they hold on a loaded machine.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import random
 import re
@@ -69,7 +68,7 @@ def _signal_after_call(monkeypatch, call, signum):
             out = step(*args)
             calls += 1
             if calls == call:
-                os.kill(os.getpid(), signum)
+                signal.raise_signal(signum)
             return out
 
         return signalling
@@ -114,10 +113,12 @@ def test_stop_requests_restore_handlers_and_a_second_signal_acts_at_once():
     before = signal.getsignal(signal.SIGINT)
     with preemption.StopRequests() as stop:
         assert not stop.should_stop(1)
-        os.kill(os.getpid(), signal.SIGINT)
+        # raise_signal, not os.kill: the handler then runs before the next line (os.kill
+        # may be delivered to another of JAX's threads and handled a little later).
+        signal.raise_signal(signal.SIGINT)
         assert stop.should_stop(2) and stop.signal_name == "SIGINT"
         with pytest.raises(KeyboardInterrupt):  # The second one: Python's own handler.
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
 
 
@@ -129,7 +130,7 @@ def test_stop_requests_with_sync_ask_it_and_forward_sigint_as_sigterm():
             assert signal.getsignal(signal.SIGTERM) is not stop._on_signal  # Left to JAX.
             stop.report_start_step(4)
             assert [stop.should_stop(c) for c in (5, 6, 7)] == [False, False, True]
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
             assert seen == [signal.SIGTERM] and stop.exit_code == 130
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -148,7 +149,7 @@ def test_stop_requests_with_agree_handle_both_signals_and_share_the_flag():
         stop.report_start_step(4)  # Nothing to report to.
         assert [stop.should_stop(c) for c in (5, 6, 7)] == [False, False, True]
         assert stop.signal_name.startswith("a stop request") and stop.exit_code == 143
-        os.kill(os.getpid(), signal.SIGTERM)  # This process: stops whatever the others say.
+        signal.raise_signal(signal.SIGTERM)  # This process: stops whatever the others say.
         assert stop.should_stop(8) and stop.signal_name == "SIGTERM"
     assert flags == [False, False, False, True]
     with pytest.raises(ValueError, match="not both"):
