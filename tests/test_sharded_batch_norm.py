@@ -11,10 +11,10 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bn_reference import documented_variance_bound
 from compiled_hlo import full_size_fusions
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_normalization import documented_variance_bound
 
 import jbn
 
@@ -174,7 +174,7 @@ def sharded_moments(mesh):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_merged_variance_is_accurate_when_mean_dominates(sharded_moments, seed):
-    # mean / std = 1e4 in float32, as test_normalization checks on one device:
+    # mean / std = 1e4 in float32, as test_statistics checks on one device:
     # through the merge of 8 devices' moments the variance stays within 1e-5
     # (measured: at most 3.2e-6 over 20 seeds; 1.5e-5 without the deviation sums).
     x = np.random.default_rng(100 + seed).normal(1e4, 1.0, (256, 8, 8, 4)).astype(np.float32)
@@ -234,7 +234,7 @@ def test_gather_with_psum_equals_all_gather(mesh):
 
 def test_the_merge_writes_no_centred_copy(mesh):
     # The merged statistics read each device's x with x - mean fused into the
-    # reductions (tests/test_normalization.py checks one device): per device,
+    # reductions (tests/test_full_size_arrays.py checks one device): per device,
     # forward and forward+backward write one full-size array, y and dx.
     if jax.default_backend() != "cpu":
         pytest.skip("checks XLA:CPU's fusions")
@@ -258,7 +258,7 @@ def test_the_merge_writes_no_centred_copy(mesh):
 @pytest.mark.parametrize("mean_over_std", [0.0, 1e3, 3e4, 1e5])
 @pytest.mark.parametrize("masked", [False, True])
 def test_merged_variance_within_the_documented_bound(mesh, mean_over_std, masked):
-    # As tests/test_normalization.py checks one device: the 8-device merge
+    # As tests/test_statistics.py checks one device: the 8-device merge
     # (count-weighted, with the deviation sums) keeps the same float32 bound.
     rng = np.random.default_rng(int(mean_over_std) + 11)
     x = rng.normal(mean_over_std * 0.5, 0.5, (64, 8, 8, 3)).astype(np.float32)
