@@ -10,8 +10,8 @@ once with the process settings set (`reexec_tuned`):
   fusions for dots and reductions but not for convolutions, whose weight
   gradients YNNPACK runs several times slower than XLA's default kernels.
   Measured when it was added (2026-11-24, the 2-core CPU machine of that day):
-  SmallBNConvNet train step 33 -> 17.5 ms. (BENCHMARKS.md's rows all run with
-  these settings; it has no untuned row.)
+  SmallBNConvNet train step 33 -> 17.5 ms. BENCHMARKS.md's untuned rows and
+  ``bench.bench_cpu_settings`` measure all the settings together against none.
 
 The XLA flag is only added for jaxlib releases where it was measured
 (`TUNED_JAXLIB`): unknown XLA flags abort the process.
