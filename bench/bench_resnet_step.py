@@ -78,22 +78,7 @@ def torch_step(channels_last):
         return None
     torch.set_num_threads(2)
     device = timing.torch_device()
-    net = torch_resnet20(torch).to(device)
-    images = torch.randn(BATCH, 3, 32, 32, device=device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (BATCH,), device=device)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(images), labels)
-        loss.backward()
-        opt.step()
-
-    return timing.torch_callable(run, device)
+    return timing.torch_train_step(torch_resnet20(torch), device, BATCH, channels_last)
 
 
 def main():

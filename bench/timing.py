@@ -42,6 +42,40 @@ def torch_callable(fn: Callable[[], None], device: str) -> Callable[[], None]:
     return run
 
 
+def torch_train_step(
+    net: object, device: str, batch: int, channels_last: bool
+) -> Callable[[], None]:
+    """One SGD(lr=0.1, momentum=0.9) step of a PyTorch classifier on random 32x32 RGB images.
+
+    Args:
+      net: A ``torch.nn.Module`` taking ``(batch, 3, 32, 32)`` and giving 10 logits.
+      device: Where to run (`torch_device`).
+      batch: Images per step.
+      channels_last: Puts the network and images in PyTorch's NHWC memory format.
+
+    Returns:
+      A no-argument callable that runs one step to completion (`torch_callable`).
+    """
+    import torch
+
+    net = net.to(device)
+    images = torch.randn(batch, 3, 32, 32, device=device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(images), labels)
+        loss.backward()
+        opt.step()
+
+    return torch_callable(run, device)
+
+
 def time_once(fn: Callable[[], None], min_seconds: float = 0.2) -> float:
     """Milliseconds per call, averaged over enough calls to fill ``min_seconds``."""
     fn()
