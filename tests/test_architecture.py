@@ -1,8 +1,9 @@
 """The package's layers import one way (docs/architecture.md).
 
 Each layer may import only the layers the document allows it (`ALLOWED`): the
-core nothing else of jbn; each framework module (linen, nnx, equinox) and the
-ops (kernels) only the core; the models the core, the framework modules and
+native kernels (jbn.native) nothing else of jbn; the core only those; each
+framework module (linen, nnx, equinox) and the ops (kernels) only the core
+(and the native layer); the models the core, the framework modules and
 the ops; the tools those and the models; the workbench (train) those and the
 tools; the experiments everything below them. Never the public facade (the
 re-exports in ``jbn/__init__.py`` and the stable paths kept at the top). Read
@@ -20,12 +21,14 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jbn"
 
 _FRAMEWORK_MODULES = {"jbn.linen", "jbn.nnx", "jbn.equinox"}
-_MODELS = {"jbn.core", *_FRAMEWORK_MODULES, "jbn.ops", "jbn.models"}
+_CORE = {"jbn.native", "jbn.core"}
+_MODELS = {*_CORE, *_FRAMEWORK_MODULES, "jbn.ops", "jbn.models"}
 # Layer -> the layers it may import (itself included).
 ALLOWED = {
-    "jbn.core": {"jbn.core"},
-    **{name: {"jbn.core", name} for name in _FRAMEWORK_MODULES},
-    "jbn.ops": {"jbn.core", "jbn.ops"},
+    "jbn.native": {"jbn.native"},
+    "jbn.core": _CORE,
+    **{name: {*_CORE, name} for name in _FRAMEWORK_MODULES},
+    "jbn.ops": {*_CORE, "jbn.ops"},
     "jbn.models": _MODELS,
     "jbn.tools": {*_MODELS, "jbn.tools"},
     "jbn.train": {*_MODELS, "jbn.tools", "jbn.train"},
@@ -84,8 +87,8 @@ def layering_violations(path: pathlib.Path, package: pathlib.Path = PACKAGE) -> 
         return [f"{name} is in no layer (add it to ALLOWED)"]
     problems = []
     for imported in _imports(path, package):
-        if imported.split(".")[0] in FRAMEWORKS and importer == "jbn.core":
-            problems.append(f"{name} (the core) imports the framework {imported}")
+        if imported.split(".")[0] in FRAMEWORKS and importer in _CORE:
+            problems.append(f"{name} ({importer}) imports the framework {imported}")
         if not (imported == "jbn" or imported.startswith("jbn.")):
             continue
         if imported in FACADE:
@@ -110,7 +113,7 @@ def test_imports_flow_one_way(path):
 
 def _fake_package(root: pathlib.Path, bad_module: str, source: str) -> pathlib.Path:
     package = root / "jbn"
-    for sub in ("core", "ops", "train", "experiments"):
+    for sub in ("native", "core", "ops", "train", "experiments"):
         (package / sub).mkdir(parents=True)
         (package / sub / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
@@ -132,7 +135,13 @@ def _fake_package(root: pathlib.Path, bad_module: str, source: str) -> pathlib.P
         ("train.bad", "from jbn.experiments.sweep import main\n", "imports jbn.experiments"),
         ("train.bad", "import jbn\n", "imports the facade jbn"),
         ("train.bad", "from .. import sweep\n", "imports the facade jbn"),
-        ("ops.bad", "from jbn.linen import BatchNorm\n", "may import only ['jbn.core', 'jbn.ops']"),
+        (
+            "ops.bad",
+            "from jbn.linen import BatchNorm\n",
+            "may import only ['jbn.core', 'jbn.native', 'jbn.ops']",
+        ),
+        ("native.bad", "from jbn.core import statistics\n", "may import only ['jbn.native']"),
+        ("native.bad", "import flax\n", "imports the framework flax"),
         ("ops.bad", "from ..linen import BatchNorm\n", "imports jbn.linen (jbn.linen)"),
     ],
 )

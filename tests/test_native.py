@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from jbn.models import SmallBNConvNet
+from jbn.native import library
 from jbn.ops import native
 from jbn.ops.conv import PatchConv
 from jbn.ops.patch_conv import patch_conv
@@ -286,17 +287,17 @@ exit 1
 
 @pytest.mark.parametrize("size", [0, 4096, "half"])
 def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch, size):
-    good = native._library_path(os.environ.get("CXX", "g++"))
+    good = library.library_path(native.SOURCE, library.compiler())
     compiler = tmp_path / "fake-g++"
     compiler.write_text(FAKE_COMPILER.format(library=good))
     compiler.chmod(0o755)
     monkeypatch.setenv("JBN_CACHE_DIR", str(tmp_path / "cache"))
-    cached = native._library_path(str(compiler))
+    cached = library.library_path(native.SOURCE, str(compiler))
     cached.parent.mkdir(parents=True)
     data = good.read_bytes()
     cached.write_bytes(data[: len(data) // 2 if size == "half" else size])
     # The checksum of the good library beside the damaged one, as after a crash mid-copy.
-    native._checksum_path(cached).write_text(native._sha256(good))
+    library.checksum_path(cached).write_text(library.sha256(good))
     code = (
         "import jax.numpy as jnp; from jbn.ops import native; print(native.available());"
         "print(float(native.conv3x3_small(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 8)))[0, 1, 1, 0]))"
@@ -304,4 +305,4 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch, s
     result = _python(code, CXX=str(compiler), JBN_CACHE_DIR=str(tmp_path / "cache"))
     assert result.stdout.split() == ["True", "27.0"]
     assert "does not match its checksum" in result.stderr and "rebuilding" in result.stderr
-    assert cached.read_bytes() == data and native._is_intact(cached)
+    assert cached.read_bytes() == data and library.is_intact(cached)

@@ -71,8 +71,8 @@ def _centred_moments(
     axis_index_groups: Any,
 ) -> tuple[Array, Moments, Array]:
     """Returns ``x - mean`` (float32 or wider), the moments, and ``rsqrt(var + eps)``."""
+    moments_ = statistics.keepdims_moments(x, mask, reduction_axes, axis_name, axis_index_groups)
     xf = x.astype(statistics.stats_dtype(x.dtype))
-    moments_ = statistics.keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
     return xf - moments_.mean, moments_, lax.rsqrt(moments_.var + epsilon)
 
 

@@ -1,20 +1,35 @@
 """Batch statistics: per-feature moments, on one device or merged across devices.
 
-Moments accumulate in float32 or wider whatever the input dtype, in two
-reductions over ``x``: the mean, then the squared deviations from it. On
-XLA:CPU each reads ``x`` once with ``x - mean`` fused in, and no centred copy
-is written (with a mask, the masked values are: YNNPACK's reductions take no
-select).
+Moments accumulate in float32 or wider whatever the input dtype.
+
+**One read on the CPU.** For float32 ``x`` without a mask whose reduced axes
+are adjacent (NHWC, ``(N, C)``, ghost batches) and which lies whole on one
+device, the CPU runs `jbn.native.moments`, a compiled kernel that reads ``x``
+once: shifted sums ``sum(x - p)`` and ``sum((x - p)**2)`` around a
+per-feature pivot ``p`` (the average of 32 rows spread over the batch),
+float32 over runs of 16 rows and float64 across them, and a second read
+around the mean only where the pivot lies more than one standard deviation
+from it. Its relative error against the exact sum around the float32 mean is
+a few float32 roundings, whatever the offset (the pivot's distance is
+bounded); the result is the same bits whatever the number of threads.
+Everywhere else (masks, NCHW, other dtypes, sharded ``jit`` inputs, GPUs and
+TPUs) XLA computes two reductions: the mean, then the squared deviations from
+it. On XLA:CPU each reads ``x`` once with ``x - mean`` fused in, and no
+centred copy is written (with a mask, the masked values are: YNNPACK's
+reductions take no select). XLA:CPU (jaxlib 0.10) could not do the one read
+itself: it does not fuse sibling reductions, and a single reduction of both
+sums falls back to its own emitter (2.7-10x slower; ``python -m
+bench.bench_one_read`` times every form).
 
 **Accuracy.** The float mean ``m`` is off the true one by about one rounding
-(``|m - mean| <~ 2**-23 |mean|`` in float32), and the two-pass variance is
-``var + (m - mean)**2`` plus the rounding of the sums, so its relative error is
-about ``(1.2e-7 |mean| / std)**2 + 2e-7`` in float32: measured (256 x 8 x 8
-values per feature, 5 seeds) 9e-8 at ``mean = 0``, 1.2e-6 at ``|mean| / std =
-1e4``, 4.7e-5 at 1e5 and 2.3e-4 at 1e6, so within 1e-5 up to ``|mean| / std``
-of about 2.5e4. The variance is never negative; a constant feature gives
-exactly 0 when its float mean is exact, else the square of that rounding
-(9e-16 for 0.1).
+(``|m - mean| <~ 2**-23 |mean|`` in float32), and the variance is that
+around ``m``: ``var + (m - mean)**2`` plus the rounding of the sums, so its
+relative error is about ``(1.2e-7 |mean| / std)**2 + 2e-7`` in float32 on
+either path: measured for the two passes (256 x 8 x 8 values per feature, 5
+seeds) 9e-8 at ``mean = 0``, 1.2e-6 at ``|mean| / std = 1e4``, 4.7e-5 at 1e5
+and 2.3e-4 at 1e6, so within 1e-5 up to ``|mean| / std`` of about 2.5e4. The
+variance is never negative; a constant feature gives exactly 0 when its float
+mean is exact, else the square of that rounding (9e-16 for 0.1).
 In float32 ``E[x^2] - E[x]^2`` (flax's fast variance) was off by 0.2% at
 1e2, 13% at 1e3 and 15x at 1e4.
 
@@ -24,21 +39,6 @@ gathers them, `gather_with_psum`), which makes masks with unequal valid
 counts per device exact; each device also sends the sum of its deviations
 from its float mean, which keeps the merged variance as accurate as one
 device's (measured over 8 devices: 1.3e-6 at 1e4).
-
-**Why two reads.** Shifted sums around a pivot ``p`` from the data,
-``sum(x - p)`` and ``sum((x - p)**2)``, have a relative error of about
-``2e-7 (1 + (p - mean)**2 / var)`` (no rounding of the mean enters: 9e-8 at
-1e4 with ``p = x[0]``), which stays small while the pivot lies within a few
-std of the mean (one data point can lie up to ``sqrt(n)`` std away), and
-could come from one read if a compiler fused the two sibling reductions into
-one pass. XLA:CPU (jaxlib 0.10) does not: each reduction is
-its own YNNPACK fusion reading ``x``, and a subtraction inside one costs
-about 0.7x a plain sum more, so the pivot's two shifted sums took 1.1-1.4x the
-time of the two passes; a single reduction of both sums (a variadic
-``lax.reduce``, the two arrays stacked, or packed into a complex number) falls
-back to XLA's own emitter and took 2.7-10x (``python -m bench.bench_one_read``,
-BENCHMARKS.md). On a GPU, where XLA fuses sibling reductions, the pivot form
-may pay; that is not measured here.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbn.core import validation
+from jbn.native import moments as native_moments
 
 Array = jax.Array
 Axes = int | Sequence[int]
@@ -166,10 +167,10 @@ def _sums_of_deviations(
     return m2, jnp.sum(valid(x + (-mean), mask), reduction_axes, keepdims=True)
 
 
-def _local_moments(
+def _two_pass_moments(
     x: Array, mask: Array | None, reduction_axes: tuple[int, ...], with_deviation_sum: bool
 ) -> tuple[Array, Array, Array, Array | None]:
-    """Count, mean and sum of squared deviations over this device's data.
+    """Count, mean and sum of squared deviations over this device's data, with XLA.
 
     Two passes over ``x`` (the mean, then the squared deviations from it), so
     the variance stays accurate when ``|mean| >> std``, unlike
@@ -192,6 +193,61 @@ def _local_moments(
         mean = mean / jnp.maximum(count, 1)
     m2, deviation_sum = _sums_of_deviations(x, mean, mask, reduction_axes, with_deviation_sum)
     return count, mean, m2, deviation_sum
+
+
+def rows_shape(shape: Sequence[int], reduction_axes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """``(groups, rows, features)``: ``shape`` with its reduced axes as one run of rows.
+
+    Possible when the reduced axes are adjacent (NHWC, ``(N, C)``, ghost
+    batches): the kept axes before them are groups, those after them features.
+    None otherwise (NCHW) and when nothing is reduced.
+    """
+    axes = sorted(reduction_axes)
+    if not axes or axes != list(range(axes[0], axes[-1] + 1)):
+        return None
+    first, last = axes[0], axes[-1] + 1
+    return (math.prod(shape[:first]), math.prod(shape[first:last]), math.prod(shape[last:]))
+
+
+def _one_read_moments(
+    x: Array, reduction_axes: tuple[int, ...], rows: tuple[int, ...], with_deviation_sum: bool
+) -> tuple[Array, Array, Array, Array]:
+    """`_two_pass_moments` of float32 ``x`` without a mask, in one read on the CPU.
+
+    `jbn.native.moments` (a compiled kernel) on ``x`` viewed as ``rows``
+    (`rows_shape`) on the CPU; XLA's two passes on other platforms.
+    """
+
+    def two_passes(view: Array) -> tuple[Array, Array, Array]:
+        _, mean, m2, deviation_sum = _two_pass_moments(view, None, (1,), with_deviation_sum)
+        deviation_sum = jnp.zeros_like(m2) if deviation_sum is None else deviation_sum
+        return mean[:, 0], m2[:, 0], deviation_sum[:, 0]
+
+    view = x.reshape(rows)
+    results = lax.platform_dependent(view, cpu=native_moments.moments, default=two_passes)
+    keepdims = tuple(1 if ax in reduction_axes else n for ax, n in enumerate(x.shape))
+    mean, m2, deviation_sum = (r.reshape(keepdims) for r in results)
+    return jnp.full(keepdims, rows[1], x.dtype), mean, m2, deviation_sum
+
+
+def _local_moments(
+    x: Array, mask: Array | None, reduction_axes: tuple[int, ...], with_deviation_sum: bool
+) -> tuple[Array, Array, Array, Array | None]:
+    """`_two_pass_moments`, or `_one_read_moments` where the native kernel applies.
+
+    The kernel applies to float32 ``x`` without a mask whose reduced axes are
+    adjacent (`rows_shape`) and which lies whole on one device
+    (`jbn.native.moments.runs_natively`). Other dtypes are cast to
+    `stats_dtype` for XLA's passes (a cast XLA fuses into them; a kernel
+    would need it written to memory first).
+    """
+    rows = None
+    if mask is None and x.dtype == jnp.float32:
+        rows = rows_shape(x.shape, reduction_axes)
+    if rows is not None and native_moments.runs_natively(x.reshape(rows)):
+        return _one_read_moments(x, reduction_axes, rows, with_deviation_sum)
+    xf = x.astype(stats_dtype(x.dtype))
+    return _two_pass_moments(xf, mask, reduction_axes, with_deviation_sum)
 
 
 def _axis_names(axis_name: AxisName) -> tuple[Any, ...]:
@@ -346,9 +402,10 @@ def moments(
 ) -> Moments:
     """Per-feature mean and biased variance over all non-feature axes.
 
-    Accumulates in float32 (or wider), in two passes (the mean, then the
-    squared deviations), so it stays accurate when ``|mean| >> std`` (the
-    module docstring gives the error bound). With ``axis_name``, per-device
+    Accumulates in float32 (or wider), in one read of ``x`` on the CPU
+    (`jbn.native.moments`) or two passes (the mean, then the squared
+    deviations), and stays accurate when ``|mean| >> std`` (the module
+    docstring gives the error bound). With ``axis_name``, per-device
     moments are merged count-weighted after a single ``psum`` (`gather_with_psum`).
 
     Args:
@@ -366,8 +423,7 @@ def moments(
     feature_axes = validation.canonical_axes(x.ndim, axis)
     reduction_axes = tuple(ax for ax in range(x.ndim) if ax not in feature_axes)
     mask = validation.check_mask(mask, x.shape)
-    xf = x.astype(stats_dtype(x.dtype))
-    result = keepdims_moments(xf, mask, reduction_axes, axis_name, axis_index_groups)
+    result = keepdims_moments(x, mask, reduction_axes, axis_name, axis_index_groups)
     feature_shape = tuple(x.shape[ax] for ax in feature_axes)
     return Moments(*(s.reshape(feature_shape) for s in result))
 

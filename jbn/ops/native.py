@@ -7,14 +7,10 @@ platforms, and wherever the kernel is unavailable, the same function computes
 patches @ kernel with XLA (`jbn.ops.patch_conv`). Measured on SmallBNConvNet's train
 step: ``python -m bench.bench_train_step``.
 
-The kernel is compiled on first use with the machine's C++ compiler (``$CXX``,
-default ``g++``; about 15 s, once) against the XLA FFI headers that jaxlib
-ships, and cached under the user cache directory (``$JBN_CACHE_DIR`` or
-``pooch.os_cache("jbn")``), keyed by the source, jaxlib version and CPU, with
-its SHA-256 beside it: a cached library that does not match its checksum
-(truncated, damaged) is rebuilt before it is loaded. Without a compiler, or if
-the build fails (a warning says why), `available` is False and callers use
-XLA's path. Set ``JBN_NO_NATIVE=1`` to never build or use it.
+The kernel is compiled on first use with the machine's C++ compiler (about
+15 s, once) and cached, checksummed, by `jbn.native.library`. Without a
+compiler, or if the build fails (a warning says why), `available` is False
+and callers use XLA's path. Set ``JBN_NO_NATIVE=1`` to never build or use it.
 
 The kernel gradient sums each image in float32 over blocks of rows and the
 images in float64, in a fixed order: the same bits whatever the number of
@@ -30,136 +26,28 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import importlib.metadata
-import os
 import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import pooch
 from jax import lax
 
+from jbn.native import library
 from jbn.ops import patch_conv as patch_conv_lib
 
 __all__ = ["OPT_OUT_ENV", "available", "conv3x3_small", "supports"]
 
-OPT_OUT_ENV = "JBN_NO_NATIVE"
-CACHE_DIR_ENV = "JBN_CACHE_DIR"
-_SOURCE = pathlib.Path(__file__).with_name("csrc") / "conv3x3_small.cc"
-_FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
+OPT_OUT_ENV = library.OPT_OUT_ENV
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "conv3x3_small.cc"
 _FORWARD = "JbnConv3x3SmallForward"
 _KERNEL_GRAD = "JbnConv3x3SmallKernelGrad"
 
 
-def _cpu_signature() -> str:
-    """The CPU model and instruction-set flags (``-march=native`` builds are CPU-specific)."""
-    try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    wanted = ("model name", "flags")
-    return "\n".join(sorted({line for line in lines if line.startswith(wanted)}))
-
-
-def _library_path(compiler: str) -> pathlib.Path:
-    key = hashlib.sha256()
-    for part in (
-        _SOURCE.read_bytes(),
-        importlib.metadata.version("jaxlib").encode(),
-        compiler.encode(),
-        " ".join(_FLAGS).encode(),
-        platform.machine().encode(),
-        _cpu_signature().encode(),
-    ):
-        key.update(part)
-    base = pathlib.Path(os.environ.get(CACHE_DIR_ENV) or pooch.os_cache("jbn"))
-    return base / "native" / f"conv3x3_small-{key.hexdigest()[:16]}.so"
-
-
-def _checksum_path(library: pathlib.Path) -> pathlib.Path:
-    return library.with_name(library.name + ".sha256")
-
-
-def _sha256(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _is_intact(library: pathlib.Path) -> bool:
-    """Whether ``library`` exists and matches the checksum written when it was built."""
-    try:
-        return _checksum_path(library).read_text().strip() == _sha256(library)
-    except OSError:
-        return False
-
-
-def _build(compiler: str, target: pathlib.Path) -> None:
-    """Compiles the kernel into ``target``, then writes its checksum beside it.
-
-    Both files are replaced atomically, so concurrent processes are safe: one
-    that finds the new library with the old checksum rebuilds it.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = pathlib.Path(scratch) / target.name
-        command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE)]
-        subprocess.run([*command, "-o", str(built)], check=True, capture_output=True, text=True)
-        checksum = _checksum_path(built)
-        checksum.write_text(_sha256(built) + "\n")
-        os.replace(built, target)
-        os.replace(checksum, _checksum_path(target))
-
-
-@functools.cache
-def _load() -> bool:
-    """Builds (once per machine) and registers the kernel; False where it cannot."""
-    if os.environ.get(OPT_OUT_ENV):
-        return False
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        return False
-    library = _library_path(compiler)
-    try:
-        if not _is_intact(library):
-            if library.exists():
-                warnings.warn(
-                    f"jbn.ops.native: the cached {library} does not match its checksum "
-                    "(damaged or from an older jbn); rebuilding it.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            _build(compiler, library)
-        # Loading a damaged shared library can crash the process (SIGBUS), so
-        # only a library that matches its checksum is loaded.
-        if not _is_intact(library):
-            raise OSError("the library does not match its checksum after the build")
-        handlers = ctypes.CDLL(str(library))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or str(error)
-        warnings.warn(
-            f"jbn.ops.native: could not build or load {library} ({detail.strip()[-500:]}); "
-            "using XLA's convolution instead.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    for name in (_FORWARD, _KERNEL_GRAD):
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handlers, name)), "cpu")
-    return True
-
-
 def available() -> bool:
     """Whether the native CPU kernel is built and registered (building it if needed)."""
-    return _load()
+    return library.load(SOURCE, (_FORWARD, _KERNEL_GRAD))
 
 
 def supports(

@@ -11,22 +11,23 @@
 // intra-op thread pool, one image per task. The kernel gradient sums each
 // image in blocks of rows and the images in float64, in a fixed order: the
 // same bits whatever the number of threads. Indices are 64-bit. Built and
-// registered by jbn/ops/native.py.
+// registered by jbn/ops/native.py (through jbn/native/library.py, which adds
+// jbn/native/csrc to the include path for parallel_for.h).
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using jbn::ParallelFor;
+using jbn::Workers;
 
 using Array4 = ffi::Buffer<ffi::F32, 4>;
 using Result4 = ffi::ResultBuffer<ffi::F32, 4>;
@@ -45,40 +46,6 @@ constexpr int Pixels(int64_t out) { return out <= 16 ? 4 : 2; }
 // step's shape (128 images of 32x32x3, 16 outputs) the relative error against
 // float64 went from 1.0e-5 (one float32 chain per thread) to 8.4e-7.
 constexpr int64_t kBlockPixels = 1024;
-
-// Runs f(task, worker) for task 0 .. tasks - 1 on the calling thread (worker 0)
-// and up to `workers - 1` pool threads (workers 1, 2, ...), and returns when all
-// have finished. Tasks are claimed from a shared counter, so the calling thread
-// runs every task that no pool thread has started: it never waits for a task
-// that is still queued (no deadlock when the pool is busy). Which worker runs
-// a task must not change its result.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t workers, int64_t tasks, const F& f) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::mutex mu;
-    std::condition_variable cv;
-    int64_t finished = 0;
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, tasks, &f](int64_t worker) {
-    int64_t done = 0;
-    for (int64_t t; (t = state->next.fetch_add(1)) < tasks; ++done) f(t, worker);
-    if (done == 0) return;
-    std::lock_guard<std::mutex> lock(state->mu);
-    state->finished += done;
-    state->cv.notify_all();
-  };
-  for (int64_t w = 1; w < std::min(workers, tasks); ++w) {
-    // A late pool task finds no work left and touches only the shared state.
-    pool.Schedule([state, tasks, work, w] {
-      if (state->next.load() < tasks) work(w);
-    });
-  }
-  work(0);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->finished == tasks; });
-}
 
 // Copies one (H, W, C) image into the middle of a zeroed (H + 2, W + 2, C) buffer.
 template <int C>
@@ -158,8 +125,6 @@ void KernelGradImage(const float* x, const float* dy, double* partial, int64_t n
 struct Shape {
   int64_t N, H, W, C, O;
 };
-
-int64_t Workers(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
 
 template <int C, int O>
 void Forward(ffi::ThreadPool& pool, const Shape& s, const float* x, const float* k, float* y) {
