@@ -5,15 +5,19 @@ per-feature ``(mean, m2, deviation_sum)``, each ``(..., C)``: the float32 mean,
 the sum of squared deviations from it, and the sum of the deviations (zero but
 for the mean's rounding; the merge across devices uses it). On the CPU it runs
 `csrc/moments.cc`, which reads ``x`` once: shifted sums around a per-feature
-pivot taken from the data, float32 over runs of 16 rows and float64 across
+pivot taken from the data, float32 over runs of 32 rows and float64 across
 them, with the group read a second time around its mean where the pivot lies
 more than one standard deviation from it. On other platforms, and where the
 kernel is unavailable, `xla_moments` (two reductions) gives the same values.
 
-The relative error of ``m2`` against the exact sum around the float32 mean is
-a few float32 roundings (measured below 1e-6; tests/test_native_moments.py
-checks it against float64 at mean/std up to 1e5), whatever the offset of the
-data: the pivot's distance is bounded by the second read.
+The relative error of ``m2`` against the float64 sum around the float32 mean
+is at most about 2e-6 whatever the offset of the data (16 float32 roundings
+times ``1 + z**2``, with the pivot's distance ``z`` in standard deviations
+bounded by 1 by the second read); measured (16,384 rows x 16 features, 5
+seeds) 6e-8 at mean/std 0, 7e-8 at 1e2 and 2.7e-7 at 1e4, and 1.7e-6 on an
+adversarial input (all rows equal but the 32 that set the pivot). The rows are
+cut into fixed blocks added in a fixed order: the same bits whatever the
+number of threads.
 
 Differentiable: the tangents are the reductions of the XLA path.
 """
