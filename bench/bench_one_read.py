@@ -1,8 +1,11 @@
-"""Per-feature mean and variance in one read of x or two: what XLA:CPU makes of each form.
+"""Per-feature mean and variance in one read of x or two: XLA:CPU's forms and jbn's kernel.
 
-The exact variance jbn computes (`jbn.moments`) reads x twice: the mean, then
-the squared deviations from it. Forms that read it once either lose exactness
-(``E[x^2] - E[x]^2``, flax's default) or need both sums from the same pass:
+Off the CPU kernel, the exact variance jbn computes reads x twice with XLA:
+the mean, then the squared deviations from it (`statistics.two_pass_moments`).
+On one CPU device `jbn.moments` runs `jbn.native.moments`, a compiled kernel
+that reads x once (shifted sums around a pivot from the data). Forms that
+XLA compiles to one read either lose exactness (``E[x^2] - E[x]^2``, flax's
+default) or need both sums from the same pass:
 
 - shifted sums around a pivot taken from the data (``x[0]``, under
   ``stop_gradient``): ``sum(x - p)`` and ``sum((x - p)^2)``, two sibling
@@ -10,8 +13,7 @@ the squared deviations from it. Forms that read it once either lose exactness
 - the same two sums as one HLO reduction: a variadic ``lax.reduce``, the
   two arrays stacked, or packed into one complex number.
 
-For each form the table gives its time as a fraction of jbn's two-pass
-statistics (same process, interleaved rounds: median (lowest-highest)), the
+For each form the table gives its time as a fraction of the two passes (same process, interleaved rounds: median (lowest-highest)), the
 relative variance error against float64 at ``|mean| / std = 1e4`` (float32),
 and the compiled program: how many of its instructions read ``x`` and how
 many full-size arrays it writes.
@@ -30,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-import jbn
 from bench import timing
+from jbn.core import statistics as jbn_statistics
+from jbn.native import moments as native_moments
 
 SHAPES = [(128, 32, 32, 16), (64, 56, 56, 64)]
 
@@ -46,8 +49,13 @@ def _finish(s1, s2, n, pivot=0.0):
 
 
 def two_pass(x):
-    moments = jbn.moments(x)
-    return moments.mean, moments.var
+    count, mean, m2, _ = jbn_statistics.two_pass_moments(x, None, (0, 1, 2), False)
+    return mean, m2 / count
+
+
+def native_kernel(x):
+    mean, m2, _ = native_moments.moments(_rows(x))
+    return mean, m2 / _rows(x).shape[0]
 
 
 def sum_and_squares(x):
@@ -93,8 +101,10 @@ def pivot_complex(x):
     return _finish(s.real, s.imag, rows.shape[0], pivot)
 
 
+TWO_PASSES = "two passes (XLA, jbn off the CPU kernel)"
 FORMS = {
-    "two passes (jbn.moments)": two_pass,
+    TWO_PASSES: two_pass,
+    "one read: jbn.native.moments (jbn.moments on one CPU device)": native_kernel,
     "sum and sum of squares, one pass each (flax)": sum_and_squares,
     "pivot: sum(x - p), sum((x - p)^2), sibling reductions": pivot_siblings,
     "pivot: one variadic lax.reduce": pivot_variadic,
@@ -114,10 +124,11 @@ def compiled_reads_and_writes(fn, x) -> tuple[int, int]:
     aliases = {re.search(r"%(\S+) = f32\[[\d,]+\]\S* parameter\(0\)", entry).group(1)}
     reads = writes = 0
     for line in entry.splitlines()[1:]:
-        match = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]\S* (\w[\w-]*)\((.*)", line)
-        if not match or match.group(4) in ("parameter", "constant"):
+        match = re.match(r"\s*(?:ROOT )?%(\S+) = (\(.*?\)|\w+\[[\d,]*\]\S*) (\w[\w-]*)\((.*)", line)
+        if not match or match.group(3) in ("parameter", "constant"):
             continue
-        name, _, dims, op, rest = match.groups()
+        name, shape, op, rest = match.groups()
+        dims = "" if shape.startswith("(") else shape[shape.index("[") + 1 : shape.index("]")]
         operands = set(re.findall(r"%([\w.\-]+)", rest.split("),")[0]))
         if op == "bitcast":
             if operands & aliases:
@@ -144,7 +155,7 @@ def main():
     args = parser.parse_args()
     lines = [
         "## Statistics in one read or two on "
-        f"{jax.default_backend()} (time / jbn's two passes per round, {args.rounds} "
+        f"{jax.default_backend()} (time / two passes per round, {args.rounds} "
         "interleaved rounds: median (lowest-highest))",
         "",
         "| shape (NHWC) | form | ms | time / two passes | variance error at mean/std 1e4 "
@@ -156,7 +167,7 @@ def main():
         x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
         funcs = {name: timing.jax_callable(jax.jit(fn), x) for name, fn in FORMS.items()}
         samples = timing.interleaved_samples(funcs, rounds=args.rounds)
-        base = samples["two passes (jbn.moments)"]
+        base = samples[TWO_PASSES]
         for name, fn in FORMS.items():
             reads, writes = compiled_reads_and_writes(fn, x)
             spread = timing.format_spread(timing.ratio_spread(samples[name], base))

@@ -168,7 +168,7 @@ def _sums_of_deviations(
     return m2, jnp.sum(valid(x + (-mean), mask), reduction_axes, keepdims=True)
 
 
-def _two_pass_moments(
+def two_pass_moments(
     x: Array, mask: Array | None, reduction_axes: tuple[int, ...], with_deviation_sum: bool
 ) -> tuple[Array, Array, Array, Array | None]:
     """Count, mean and sum of squared deviations over this device's data, with XLA.
@@ -213,14 +213,14 @@ def rows_shape(shape: Sequence[int], reduction_axes: tuple[int, ...]) -> tuple[i
 def _one_read_moments(
     x: Array, reduction_axes: tuple[int, ...], rows: tuple[int, ...], with_deviation_sum: bool
 ) -> tuple[Array, Array, Array, Array]:
-    """`_two_pass_moments` of float32 ``x`` without a mask, in one read on the CPU.
+    """`two_pass_moments` of float32 ``x`` without a mask, in one read on the CPU.
 
     `jbn.native.moments` (a compiled kernel) on ``x`` viewed as ``rows``
     (`rows_shape`) on the CPU; XLA's two passes on other platforms.
     """
 
     def two_passes(view: Array) -> tuple[Array, Array, Array]:
-        _, mean, m2, deviation_sum = _two_pass_moments(view, None, (1,), with_deviation_sum)
+        _, mean, m2, deviation_sum = two_pass_moments(view, None, (1,), with_deviation_sum)
         deviation_sum = jnp.zeros_like(m2) if deviation_sum is None else deviation_sum
         return mean[:, 0], m2[:, 0], deviation_sum[:, 0]
 
@@ -234,7 +234,7 @@ def _one_read_moments(
 def _local_moments(
     x: Array, mask: Array | None, reduction_axes: tuple[int, ...], with_deviation_sum: bool
 ) -> tuple[Array, Array, Array, Array | None]:
-    """`_two_pass_moments`, or `_one_read_moments` where the native kernel applies.
+    """`two_pass_moments`, or `_one_read_moments` where the native kernel applies.
 
     The kernel applies to float32 ``x`` without a mask whose reduced axes are
     adjacent (`rows_shape`) and which lies whole on one device
@@ -248,7 +248,7 @@ def _local_moments(
     if rows is not None and native_moments.runs_natively(x.reshape(rows)):
         return _one_read_moments(x, reduction_axes, rows, with_deviation_sum)
     xf = x.astype(stats_dtype(x.dtype))
-    return _two_pass_moments(xf, mask, reduction_axes, with_deviation_sum)
+    return two_pass_moments(xf, mask, reduction_axes, with_deviation_sum)
 
 
 def _axis_names(axis_name: AxisName) -> tuple[Any, ...]:
