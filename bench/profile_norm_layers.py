@@ -7,7 +7,8 @@ the time it ran. An operation belongs to a norm layer when the op name XLA
 gives it (its root instruction's) lies in the layer's scope (``bn0``,
 ``layer1_0/bn2``, ``downsample_1``); it counts as backward inside
 ``transpose(...)``, as a reduction when it is one of YNNPACK's fusions (XLA:CPU
-runs reductions through YNNPACK) and as element-wise otherwise. What XLA fused
+runs reductions through YNNPACK) or jbn's statistics kernel (``JbnMoments``,
+`jbn.native.moments`), and as element-wise otherwise. What XLA fused
 into an operation of another layer (a normalisation fused into the ReLU or the
 pooling that follows) counts for that layer: the step times of
 ``bench_norm_in_networks`` give the whole cost.
@@ -56,7 +57,8 @@ def op_names(compiled) -> dict[str, tuple[str, bool]]:
         match = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
         op_name = re.search(r'op_name="([^"]+)"', line)
         if match and op_name:
-            names[match.group(1)] = (op_name.group(1), "__ynn_fusion" in line)
+            reduction = "__ynn_fusion" in line or 'custom_call_target="JbnMoments"' in line
+            names[match.group(1)] = (op_name.group(1), reduction)
     return names
 
 
