@@ -29,6 +29,8 @@ import gzip
 import pathlib
 import pickle
 import runpy
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +56,29 @@ jax.config.update("jax_default_matmul_precision", "highest")
 pytest_plugins = ["run_modes", "pytester"]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def python_output_on_one_device(code: str, *args: str, pinned_to_one_cpu: bool = False) -> bytes:
+    """Standard output of ``python -c code args`` in a process with one CPU device.
+
+    The child drops the suite's fake device count from ``XLA_FLAGS`` (XLA:CPU
+    sizes the thread pool of 8 fake devices without regard to the CPUs the
+    process may use) and, with ``pinned_to_one_cpu``, runs on one CPU only
+    (the calling test skips where the OS cannot pin a process).
+    """
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if pinned_to_one_cpu:
+        if not hasattr(os, "sched_setaffinity"):
+            pytest.skip("needs os.sched_setaffinity to pin a process to one CPU")
+        code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n" + code
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        timeout=300,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "XLA_FLAGS": " ".join(flags)},
+    ).stdout
 
 
 def overridden(

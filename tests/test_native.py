@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import python_output_on_one_device
 
 from jbn.models import SmallBNConvNet
 from jbn.native import library
@@ -194,25 +195,12 @@ def test_kernel_gradient_is_accurate_at_the_train_step_shape():
 def test_kernel_gradient_is_the_same_bits_on_one_thread():
     # A resumed run on a machine with another core count must compute the same
     # bits: the same kernel gradient in a process pinned to one CPU.
-    if not hasattr(os, "sched_setaffinity"):
-        pytest.skip("needs os.sched_setaffinity to pin a process to one CPU")
     code = (
-        "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
-        "sys.path.insert(0, 'tests'); import numpy as np;"
+        "import sys; sys.path.insert(0, 'tests'); import numpy as np;"
         "from test_native import _kernel_grad_at_the_train_step_shape as f;"
         "sys.stdout.buffer.write(f()[2].tobytes())"
     )
-    # One device (XLA:CPU sizes the thread pool of 8 fake devices without regard
-    # to the CPUs the process may use).
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    one_thread = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        timeout=300,
-        check=True,
-        cwd=REPO,
-        env={**os.environ, "XLA_FLAGS": " ".join(flags)},
-    ).stdout
+    one_thread = python_output_on_one_device(code, pinned_to_one_cpu=True)
     here = _kernel_grad_at_the_train_step_shape()[2]
     assert np.frombuffer(one_thread, np.float32).tobytes() == here.tobytes()
 

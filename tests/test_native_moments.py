@@ -15,13 +15,12 @@ skip. Where there is one, a failed build fails them.
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import python_output_on_one_device
 from jax.sharding import PartitionSpec as P
 
 import jbn
@@ -253,27 +252,13 @@ def test_merged_across_devices_the_kernel_gives_the_two_pass_results():
 def test_one_device_process_uses_the_kernel_with_the_same_bits_on_one_thread():
     # In a process with one device, jbn.batch_norm takes the kernel; pinned to
     # one CPU it gives the same bits as on several (fixed blocks, fixed order).
-    if not hasattr(os, "sched_setaffinity"):
-        pytest.skip("needs os.sched_setaffinity to pin a process to one CPU")
     code = (
-        "import os, sys, jax, jax.numpy as jnp, jbn\n"
-        "if sys.argv[1] == 'one': os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "import sys, jax, jbn\n"
         "x = jax.random.normal(jax.random.key(0), (64, 16, 16, 32)) * 3 + 1e3\n"
         "f = jax.jit(lambda x: jbn.moments(x))\n"
         "assert 'JbnMoments' in f.lower(x).as_text()\n"
         "m = f(x); sys.stdout.buffer.write(m.mean.tobytes() + m.var.tobytes())\n"
     )
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
-
-    def run(cpus):
-        return subprocess.run(
-            [sys.executable, "-c", code, cpus],
-            capture_output=True,
-            timeout=300,
-            check=True,
-            cwd=REPO,
-            env=env,
-        ).stdout
-
-    assert run("one") == run("all")
+    one_cpu = python_output_on_one_device(code, pinned_to_one_cpu=True)
+    assert len(one_cpu) == 2 * 32 * 4
+    assert one_cpu == python_output_on_one_device(code)
