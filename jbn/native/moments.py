@@ -11,13 +11,15 @@ more than one standard deviation from it. On other platforms, and where the
 kernel is unavailable, `xla_moments` (two reductions) gives the same values.
 
 The relative error of ``m2`` against the float64 sum around the float32 mean
-is at most about 2e-6 whatever the offset of the data (16 float32 roundings
-times ``1 + z**2``, with the pivot's distance ``z`` in standard deviations
-bounded by 1 by the second read); measured (16,384 rows x 16 features, 5
-seeds) 6e-8 at mean/std 0, 7e-8 at 1e2 and 2.7e-7 at 1e4, and 1.7e-6 on an
-adversarial input (all rows equal but the 32 that set the pivot). The rows are
-cut into fixed blocks added in a fixed order: the same bits whatever the
-number of threads.
+is bounded whatever the offset of the data: float32 roundings within runs of
+32 rows (about 16 times 6e-8), times ``1 + z**2`` for the squares and
+``2 z sqrt(1 + z**2)`` for the first powers, where ``z`` (the pivot's
+distance from the mean in standard deviations) is at most 1 after the second
+read: about 5e-6 at worst. Measured (16,384 rows x 16 features, 5 seeds)
+6e-8 at mean/std 0, 7e-8 at 1e2 and 2.7e-7 at 1e4; 1.7e-6 (4,096 rows) and
+5.5e-7 (65,536 rows) when all rows are equal but the 32 that set the pivot;
+2.0e-6 on inputs searched to maximise it. The rows are cut into fixed blocks
+added in a fixed order: the same bits whatever the number of threads.
 
 Differentiable: the tangents are the reductions of the XLA path.
 """
@@ -45,24 +47,30 @@ def available() -> bool:
     return library.load(_SOURCE, (_TARGET,))
 
 
+def _supported(shape: tuple[int, ...], dtype: object) -> bool:
+    return jnp.dtype(dtype) == jnp.float32 and len(shape) >= 2 and shape[-2] > 0 and available()
+
+
 def supports(x: Array) -> bool:
     """Whether `moments` can run the kernel for ``x``: float32, ``(..., R, C)`` with ``R > 0``."""
-    return x.dtype == jnp.float32 and x.ndim >= 2 and x.shape[-2] > 0 and available()
+    return _supported(x.shape, x.dtype)
 
 
-def runs_natively(x: Array) -> bool:
-    """Whether to call the kernel for ``x`` rather than XLA's reductions.
+def runs_natively(x: Array, rows_shape: tuple[int, ...]) -> bool:
+    """Whether to call the kernel for ``x`` (to be viewed as ``rows_shape``) rather than XLA.
 
-    When `supports` holds and ``x`` is known to lie whole on one device: the
-    process has one device, or ``x``'s type places it on a mesh of one device
-    or inside ``shard_map`` (every mesh axis manual). XLA would otherwise
-    gather an ``x`` sharded by ``jit`` onto every device for a custom call.
+    When the kernel supports that view on a CPU process and ``x`` is known to
+    lie whole on one device: the process has one device, or ``x``'s type
+    places it on a mesh of one device or inside ``shard_map`` (every mesh
+    axis manual). XLA would otherwise gather an ``x`` sharded by ``jit`` onto
+    every device for a custom call. Decided from ``x``'s type, before any
+    reshape (a batch-sharded ``x`` on an explicit mesh cannot be reshaped).
     """
-    if not supports(x):
+    if jax.default_backend() != "cpu" or not _supported(rows_shape, x.dtype):
         return False
     mesh = jax.typeof(x).sharding.mesh
     if mesh.empty:
-        return jax.device_count() == 1
+        return jax.device_count() == 1 and jax.device_count("cpu") == 1
     manual = jax.sharding.AxisType.Manual
     return mesh.size == 1 or all(kind == manual for kind in mesh.axis_types)
 

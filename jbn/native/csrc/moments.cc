@@ -14,10 +14,10 @@
 // The differences and squares are summed in float32 over runs of kRunRows rows,
 // the runs in float64, and m2 is formed from s1 and s2 in float64. Its relative
 // error is then at most about kRunRows / 2 float32 roundings (1e-6) times
-// (1 + z ** 2), z = (p - mean) / std: where some feature's |z| exceeds
-// kMaxPivotDistance, the group is read again around its float32 mean (z about
-// 0), so the bound (about 2e-6) holds whatever the data. A constant feature
-// gives exactly 0.
+// (1 + z ** 2) from s2 and 2 z sqrt(1 + z ** 2) from s1, z = (p - mean) / std:
+// where some feature's |z| exceeds kMaxPivotDistance, the group is read again
+// around its float32 mean (z about 0), so the bound (about 5e-6) holds whatever
+// the data. A constant feature gives exactly 0.
 //
 // Rows are cut into blocks of kBlockRows, one task each on XLA's intra-op
 // thread pool; the blocks are added in a fixed order, so the result is the
