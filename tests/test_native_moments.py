@@ -5,7 +5,7 @@ kernel computes) and around the exact mean, and jbn's XLA path. Tolerances:
 ``m2`` within 2e-6 relative of the float64 sum around the float32 mean, at
 mean/std from 0 to 1e5 and wherever the pivot lands (measured up to 2.7e-7 on
 random data, 5.5e-7 on the adversarial input below; the documented bound for
-any input is about 5e-6, reached only by inputs built for it: 2.0e-6 found);
+any input is about 5e-6, approached only by inputs built for it);
 the mean within one float32 rounding of the exact one; the tangents within
 1e-5 of the XLA path's.
 
