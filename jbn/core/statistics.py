@@ -11,8 +11,9 @@ float32 over runs of 32 rows and float64 across them, and a second read
 around the mean only where the pivot lies more than one standard deviation
 from it. Its relative error against the float64 sum around the float32 mean
 is at most about 5e-6 whatever the offset (measured 2.7e-7 at ``|mean| / std
-= 1e4`` on random data; `jbn.native.moments`), and the result is the same bits whatever the number
-of threads.
+= 1e4`` on random data; `jbn.native.moments`), and the result is the same
+bits whatever the number of threads.
+
 Everywhere else (masks, NCHW, other dtypes, sharded ``jit`` inputs, GPUs and
 TPUs) XLA computes two reductions: the mean, then the squared deviations from
 it. On XLA:CPU each reads ``x`` once with ``x - mean`` fused in, and no
