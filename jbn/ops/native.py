@@ -8,7 +8,7 @@ patches @ kernel with XLA (`jbn.ops.patch_conv`). Measured on SmallBNConvNet's t
 step: ``python -m bench.bench_train_step``.
 
 The kernel is compiled on first use with the machine's C++ compiler (about
-15 s, once) and cached, checksummed, by `jbn.native.library`. Without a
+7 s here, once) and cached, checksummed, by `jbn.native.library`. Without a
 compiler, or if the build fails (a warning says why), `available` is False
 and callers use XLA's path. Set ``JBN_NO_NATIVE=1`` to never build or use it.
 
