@@ -58,13 +58,16 @@ pytest_plugins = ["run_modes", "pytester"]
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def python_output_on_one_device(code: str, *args: str, pinned_to_one_cpu: bool = False) -> bytes:
+def python_output_on_one_device(
+    code: str, *args: str, pinned_to_one_cpu: bool = False, env: Mapping[str, str] | None = None
+) -> bytes:
     """Standard output of ``python -c code args`` in a process with one CPU device.
 
     The child drops the suite's fake device count from ``XLA_FLAGS`` (XLA:CPU
     sizes the thread pool of 8 fake devices without regard to the CPUs the
     process may use) and, with ``pinned_to_one_cpu``, runs on one CPU only
-    (the calling test skips where the OS cannot pin a process).
+    (the calling test skips where the OS cannot pin a process). ``env`` adds
+    environment variables.
     """
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     if pinned_to_one_cpu:
@@ -77,7 +80,7 @@ def python_output_on_one_device(code: str, *args: str, pinned_to_one_cpu: bool =
         timeout=300,
         check=True,
         cwd=REPO,
-        env={**os.environ, "XLA_FLAGS": " ".join(flags)},
+        env={**os.environ, "XLA_FLAGS": " ".join(flags), **(env or {})},
     ).stdout
 
 

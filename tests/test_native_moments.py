@@ -293,3 +293,22 @@ def test_one_device_process_uses_the_kernel_with_the_same_bits_on_one_thread():
     one_cpu = python_output_on_one_device(code, pinned_to_one_cpu=True)
     assert len(one_cpu) == 2 * 32 * 4
     assert one_cpu == python_output_on_one_device(code)
+
+
+@on_cpu_only
+def test_jax_export_of_a_training_step_needs_the_opt_out():
+    # The custom call has no compatibility guarantee, so jax.export refuses it;
+    # JBN_NO_NATIVE=1 exports XLA's reductions instead (README, guide).
+    code = (
+        "import jax, jax.numpy as jnp, jbn\n"
+        "p, s = jbn.init_params(8), jbn.init_batch_stats(8)\n"
+        "f = jax.jit(lambda x: jbn.batch_norm(x, p, s, training=True))\n"
+        "try:\n"
+        "    jax.export.export(f)(jnp.ones((4, 8)))\n"
+        "    print('exported')\n"
+        "except ValueError as error:\n"
+        "    print('refused' if 'JbnMoments' in str(error) else error)\n"
+    )
+    assert python_output_on_one_device(code).split() == [b"refused"]
+    opted_out = python_output_on_one_device(code, env={"JBN_NO_NATIVE": "1"})
+    assert opted_out.split() == [b"exported"]
