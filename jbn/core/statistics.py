@@ -212,23 +212,16 @@ def rows_shape(shape: Sequence[int], reduction_axes: tuple[int, ...]) -> tuple[i
 
 
 def _one_read_moments(
-    x: Array, reduction_axes: tuple[int, ...], rows: tuple[int, ...], with_deviation_sum: bool
+    x: Array, reduction_axes: tuple[int, ...], rows: tuple[int, ...]
 ) -> tuple[Array, Array, Array, Array]:
     """`two_pass_moments` of float32 ``x`` without a mask, in one read on the CPU.
 
-    `jbn.native.moments` (a compiled kernel) on ``x`` viewed as ``rows``
-    (`rows_shape`) on the CPU; XLA's two passes on other platforms.
+    `jbn.native.moments` on ``x`` viewed as ``rows`` (`rows_shape`): the
+    compiled kernel on the CPU, XLA's reductions on other platforms.
     """
-
-    def two_passes(view: Array) -> tuple[Array, Array, Array]:
-        _, mean, m2, deviation_sum = two_pass_moments(view, None, (1,), with_deviation_sum)
-        deviation_sum = jnp.zeros_like(m2) if deviation_sum is None else deviation_sum
-        return mean[:, 0], m2[:, 0], deviation_sum[:, 0]
-
-    view = x.reshape(rows)
-    results = lax.platform_dependent(view, cpu=native_moments.moments, default=two_passes)
+    mean, m2, deviation_sum = native_moments.moments(x.reshape(rows))
     keepdims = tuple(1 if ax in reduction_axes else n for ax, n in enumerate(x.shape))
-    mean, m2, deviation_sum = (r.reshape(keepdims) for r in results)
+    mean, m2, deviation_sum = (r.reshape(keepdims) for r in (mean, m2, deviation_sum))
     return jnp.full(keepdims, rows[1], x.dtype), mean, m2, deviation_sum
 
 
@@ -245,7 +238,7 @@ def _local_moments(
     """
     rows = None if mask is not None else rows_shape(x.shape, reduction_axes)
     if rows is not None and native_moments.runs_natively(x, rows):
-        return _one_read_moments(x, reduction_axes, rows, with_deviation_sum)
+        return _one_read_moments(x, reduction_axes, rows)
     xf = x.astype(stats_dtype(x.dtype))
     return two_pass_moments(xf, mask, reduction_axes, with_deviation_sum)
 

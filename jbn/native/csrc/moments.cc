@@ -24,7 +24,6 @@
 // same bits whatever the number of threads. Built and registered by
 // jbn/native/moments.py.
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
